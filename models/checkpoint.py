@@ -1,0 +1,74 @@
+"""Strict loading of DefMamba weights, official release format included.
+
+Accepted files: a dict with a "model" entry (and optionally "model_ema"), as written by the release's and
+this project's trainers, or a bare state_dict. Every missing or unexpected key is an error.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CheckpointError", "read_state_dict", "load_pretrained"]
+
+# prefixes added by DistributedDataParallel / torch.compile wrappers around the saved module
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model (message is one line)."""
+
+
+def _strip_wrappers(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    for prefix in _WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, Tensor]:
+    """The model (or EMA) state dict stored in `path`, loaded with torch.load(weights_only=True)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated/foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    key = "model_ema" if use_ema else "model"
+    if key in obj:
+        obj = obj[key]
+    elif use_ema or "model" in obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {path} has no '{key}' entry (entries: {', '.join(map(str, obj))})")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path}: entry '{key}' is not a state dict")
+    return _strip_wrappers(obj)
+
+
+def _summarise(keys: List[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    """Load `path` into `model` strictly; raises CheckpointError naming missing/unexpected/mis-shaped keys."""
+    state = read_state_dict(path, use_ema=use_ema)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_summarise(shapes, 3)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
