@@ -1,0 +1,138 @@
+"""Parameters and FLOPs of a DefMamba config, counted with fvcore (one multiply-add = one FLOP).
+
+    python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba]
+
+What is counted (fvcore's rules for linear/conv/einsum/matmul, LayerNorm 5 per element, pooling and
+means 1 per input element) plus handles for the custom operations:
+- selective scan, convention `release` (default, the official README's numbers):
+  3*B*D*L*N + 2.5*B*D*L with D = 3 * d_inner (the three branches); convention `vmamba`: 9*B*L*D*N + B*D*L.
+- point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
+- offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
+- the sort and un-sort of the index offset, elementwise activations and gathers: 0.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["ScanFlopConvention", "count_flops", "count_params"]
+
+
+class ScanFlopConvention(enum.Enum):
+    """How a selective-scan call is counted."""
+    RELEASE = "release"  # official DefMamba README (fvcore handle of the release)
+    VMAMBA = "vmamba"    # VMamba's analysis tools
+
+
+def _shape(value: Any) -> List[int]:
+    return value.type().sizes()
+
+
+def _scan_handle(convention: ScanFlopConvention) -> Callable[[List[Any], List[Any]], float]:
+    def handle(inputs: List[Any], outputs: List[Any]) -> float:
+        batch, dim, length = _shape(inputs[0])
+        nstate = _shape(inputs[2])[1]
+        if convention is ScanFlopConvention.RELEASE:
+            return 3 * batch * dim * length * nstate + 2.5 * batch * dim * length
+        return 9 * batch * length * dim * nstate + batch * dim * length
+    return handle
+
+
+def _per_output_element(flops: int) -> Callable[[List[Any], List[Any]], float]:
+    def handle(inputs: List[Any], outputs: List[Any]) -> float:
+        count = 1
+        for size in _shape(outputs[0]):
+            count *= size
+        return flops * count
+    return handle
+
+
+def _per_input_element(inputs: List[Any], outputs: List[Any]) -> float:
+    count = 1
+    for size in _shape(inputs[0]):
+        count *= size
+    return count
+
+
+def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
+    scan = _scan_handle(convention)
+    return {
+        "prim::PythonOp._ReferenceScan": scan,
+        "prim::PythonOp._CudaScan": scan,
+        "prim::PythonOp.PointOffsetSample": _per_output_element(4),
+        "prim::PythonOp.OffsetBias": _per_output_element(8),
+        "prim::PythonOp.IndexOffsetSort": None,
+        "prim::PythonOp.TokenUnsort": None,
+        "aten::mean": _per_input_element,
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_flops(model: nn.Module, img_size: int, in_chans: int = 3,
+                convention: ScanFlopConvention = ScanFlopConvention.RELEASE) -> float:
+    """GFLOPs of one (in_chans, img_size, img_size) image through `model`, counted on a CPU copy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import warns about deprecated torch.jit APIs
+        from fvcore.nn import FlopCountAnalysis
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.zeros(1, in_chans, img_size, img_size, device=device)
+        analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**_handles(convention))
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about the Python control flow of the ops
+            total = analysis.total()
+    finally:
+        model.train(was_training)
+    return total / 1e9
+
+
+def _parse(argv: List[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m utils.flops", description=__doc__.splitlines()[0])
+    parser.add_argument("--cfg", required=True, help="model config YAML, e.g. configs/tiny.yaml")
+    parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
+    parser.add_argument("--scan-flops", choices=[c.value for c in ScanFlopConvention],
+                        default=ScanFlopConvention.RELEASE.value,
+                        help="selective-scan counting convention (default: release)")
+    return parser.parse_args(argv)
+
+
+def main(argv: List[str]) -> int:
+    args = _parse(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from config import ConfigError, get_default_config, load_yaml_config
+    from models import build_model
+
+    config = get_default_config()
+    try:
+        load_yaml_config(config, Path(args.cfg))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.img_size < 32:
+        print(f"error: --img-size must be at least 32 (the model downsamples by 32), got {args.img_size}",
+              file=sys.stderr)
+        return 2
+    model = build_model(config)
+    gflops = count_flops(model, args.img_size, config.MODEL.DEFMAMBA.IN_CHANS, ScanFlopConvention(args.scan_flops))
+    print(f"{config.MODEL.NAME}: params {count_params(model):,} ({count_params(model) / 1e6:.2f} M), "
+          f"{gflops:.3f} GFLOPs at {args.img_size}x{args.img_size} (scan convention: {args.scan_flops})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
