@@ -9,7 +9,7 @@ Layout (Mamba / VMamba convention, one B/C group per scan branch):
 
     dt_t = softplus(delta_t + bias)          (if delta_softplus)
     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_{-1} = 0
-    y_t  = <C_t, h_t> + D_skip * u_t         returned in fp32
+    y_t  = <C_t, h_t> + D_skip * u_t         returned in fp32 (fp64 for fp64 inputs)
 
 The reference keeps no autograd graph: it recomputes the states in its backward and runs the
 adjoint recurrence, so memory stays O(batch * D * L * N) for one layer at a time.
@@ -75,6 +75,11 @@ def _linear_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.view(bsz, dim, nchunk * steps, nstate)[:, :, :length]
 
 
+def _acc(t: Tensor) -> Tensor:
+    """fp32 accumulation, or fp64 when the caller works in fp64 (tests against float64 references)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _expand_groups(x: Tensor, dim: int) -> Tensor:
     """(batch, G, N, L) -> (batch, D, L, N): each channel sees its group's B or C."""
     bsz, groups, nstate, length = x.shape
@@ -90,12 +95,12 @@ def _reduce_groups(x: Tensor, groups: int) -> Tensor:
 def _discretize(u: Tensor, delta: Tensor, A: Tensor, Bg: Tensor, delta_bias: Optional[Tensor],
                 delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """fp32 dt, the decay a = exp(dt A) and the input term b = dt u B, all (batch, D, L[, N])."""
-    pre = delta.float()
+    pre = _acc(delta)
     if delta_bias is not None:
-        pre = pre + delta_bias.float()[:, None]
+        pre = pre + _acc(delta_bias)[:, None]
     dt = F.softplus(pre) if delta_softplus else pre
-    a = torch.exp(dt.unsqueeze(-1) * A.float()[:, None, :])
-    b = (dt * u.float()).unsqueeze(-1) * Bg
+    a = torch.exp(dt.unsqueeze(-1) * _acc(A)[:, None, :])
+    b = (dt * _acc(u)).unsqueeze(-1) * Bg
     return pre, dt, a, b
 
 
@@ -106,13 +111,13 @@ class _ReferenceScan(torch.autograd.Function):
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
         dim = u.shape[1]
-        Bg = _expand_groups(B.float(), dim)
-        Cg = _expand_groups(C.float(), dim)
+        Bg = _expand_groups(_acc(B), dim)
+        Cg = _expand_groups(_acc(C), dim)
         _, _, a, b = _discretize(u, delta, A, Bg, delta_bias, delta_softplus)
         h = _linear_scan(a, b)
         y = torch.einsum("bdln,bdln->bdl", h, Cg)
         if D is not None:
-            y = y + D.float()[:, None] * u.float()
+            y = y + _acc(D)[:, None] * _acc(u)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         return y
@@ -121,10 +126,10 @@ class _ReferenceScan(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         dim, groups = u.shape[1], B.shape[1]
-        dy = dy.float()
-        uf = u.float()
-        Bg = _expand_groups(B.float(), dim)
-        Cg = _expand_groups(C.float(), dim)
+        dy = _acc(dy)
+        uf = _acc(u)
+        Bg = _expand_groups(_acc(B), dim)
+        Cg = _expand_groups(_acc(C), dim)
         pre, dt, a, b = _discretize(u, delta, A, Bg, delta_bias, ctx.delta_softplus)
         h = _linear_scan(a, b)
 
@@ -137,12 +142,12 @@ class _ReferenceScan(torch.autograd.Function):
 
         gB = g * Bg
         du = dt * gB.sum(-1)
-        ddt = uf * gB.sum(-1) + (da * A.float()[:, None, :]).sum(-1)
+        ddt = uf * gB.sum(-1) + (da * _acc(A)[:, None, :]).sum(-1)
         dB = _reduce_groups(g * (dt * uf).unsqueeze(-1), groups)
         dA = (da * dt.unsqueeze(-1)).sum((0, 2))
         dD = None
         if D is not None:
-            du = du + D.float()[:, None] * dy
+            du = du + _acc(D)[:, None] * dy
             dD = (dy * uf).sum((0, 2))
         ddelta = ddt * torch.sigmoid(pre) if ctx.delta_softplus else ddt
         dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
