@@ -91,7 +91,7 @@ class DSSM(nn.Module):
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         ys = selective_scan_fn(
             xs.reshape(batch, k * d, length), dts.reshape(batch, k * d, length),
-            -torch.exp(self.A_logs.float()), Bs.contiguous(), Cs.contiguous(),
+            -torch.exp(self.A_logs.float()), Bs, Cs,
             self.Ds.float(), self.dt_projs_bias.float().flatten(), delta_softplus=True,
         ).view(batch, k, d, length)
         y = (ys[:, 0] + ys[:, 1].flip(-1) + unsort_tokens(ys[:, 2], perm)) / k
