@@ -1,0 +1,259 @@
+"""Training configuration: yacs defaults, merged from YAML (with `BASE` inheritance), CLI flags, `--opts`.
+
+Every key below is read somewhere in the code; there are no placeholder keys. Merge order (later wins):
+defaults -> YAML files of `BASE` (recursively, in list order) -> the YAML itself -> CLI flags -> `--opts`.
+Unknown keys are errors (`ConfigError`), so a typo never passes silently.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+from yacs.config import CfgNode as CN
+
+__all__ = ["ConfigError", "DATASETS", "AMP_DTYPES", "get_default_config", "get_config", "load_yaml_config"]
+
+# Values accepted by the string-valued keys (validated in `_validate`).
+DATASETS = ("imagenet", "mnist5k")
+AMP_DTYPES = ("fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """An unusable configuration: the message is one line naming the file or key at fault."""
+
+
+_C = CN()
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size per process (the total batch is BATCH_SIZE x world size x TRAIN.ACCUMULATION_STEPS).
+_C.DATA.BATCH_SIZE = 128
+# ImageFolder root with train/ and val/; for 'mnist5k' an empty path means the cache folder.
+_C.DATA.DATA_PATH = ""
+# 'imagenet': any ImageFolder tree; 'mnist5k': the embedded MNIST subset (materialised on first use).
+_C.DATA.DATASET = "imagenet"
+_C.DATA.IMG_SIZE = 224
+# Resampling used by the random-resized crop and the val resize.
+_C.DATA.INTERPOLATION = "bilinear"
+_C.DATA.PIN_MEMORY = True
+_C.DATA.NUM_WORKERS = 8
+# False: an unreadable image stops the run naming its path. True: it is logged and replaced by the next image.
+_C.DATA.SKIP_CORRUPT = False
+
+# -----------------------------------------------------------------------------
+# Model (keys read by models.build_model)
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Names the output sub-folder: OUTPUT/MODEL.NAME/TAG.
+_C.MODEL.NAME = "defmamba_tiny"
+# Weights to start from (model and, if present, EMA); training starts at epoch 0.
+_C.MODEL.PRETRAINED = ""
+# Full checkpoint to continue from (or to evaluate with --eval).
+_C.MODEL.RESUME = ""
+_C.MODEL.NUM_CLASSES = 1000
+_C.MODEL.DROP_PATH_RATE = 0.1
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+_C.MODEL.DEFMAMBA = CN()
+_C.MODEL.DEFMAMBA.IN_CHANS = 3
+_C.MODEL.DEFMAMBA.EMBED_DIM = 48
+_C.MODEL.DEFMAMBA.DEPTHS = [2, 2, 5, 2]
+_C.MODEL.DEFMAMBA.D_STATE = 16
+# 0 means auto: ceil(channels / 16).
+_C.MODEL.DEFMAMBA.DT_RANK = 0
+_C.MODEL.DEFMAMBA.SSM_RATIO = 1.0
+_C.MODEL.DEFMAMBA.MLP_RATIO = 4.0
+_C.MODEL.DEFMAMBA.OFFSET_KERNELS = [9, 7, 5, 3]
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# The three learning rates are for a total batch of 512 and scaled linearly to the actual total batch.
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+# Max global grad norm; 0 disables clipping (the norm is still logged).
+_C.TRAIN.CLIP_GRAD = 5.0
+# Continue from the newest ckpt_epoch_*.pth in the output folder when one exists.
+_C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Activation checkpointing inside the model (trades compute for memory).
+_C.TRAIN.USE_CHECKPOINT = False
+# How many ckpt_epoch_*.pth to keep (best.pth / best_ema.pth are kept in addition).
+_C.TRAIN.KEEP_CHECKPOINTS = 3
+# The release decays every >=2-D tensor; True also exempts A_logs, Ds, dt_projs_bias and rpe_table.
+_C.TRAIN.SSM_NO_WEIGHT_DECAY = False
+
+_C.TRAIN.OPTIMIZER = CN()
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLE = True
+_C.TRAIN.EMA.DECAY = 0.9999
+
+# -----------------------------------------------------------------------------
+# Augmentation (timm)
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Ignored by timm while RandAugment is on (as in the release).
+_C.AUG.COLOR_JITTER = 0.4
+# timm RandAugment spec; empty string disables it.
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# Random-resized-crop area range and horizontal-flip probability.
+_C.AUG.SCALE = (0.08, 1.0)
+_C.AUG.HFLIP = 0.5
+# Random erasing probability / mode / count.
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = "pixel"
+_C.AUG.RECOUNT = 1
+# Mixup / CutMix alphas; both 0 turns Mixup off (plain label-smoothing cross-entropy is used then).
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+_C.AUG.MIXUP_MODE = "batch"
+
+# -----------------------------------------------------------------------------
+# Evaluation
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# True: resize to int(256 / 224 * IMG_SIZE) then center-crop IMG_SIZE; False: resize straight to IMG_SIZE.
+_C.TEST.CROP = True
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Mixed precision on GPU (fp16 uses a GradScaler); on CPU only bf16 is used, fp16 falls back to fp32.
+_C.AMP_ENABLE = True
+_C.AMP_DTYPE = "fp16"
+# Runs write to OUTPUT/MODEL.NAME/TAG; a fixed TAG lets a relaunch find its checkpoints (auto-resume).
+_C.OUTPUT = "output"
+_C.TAG = "default"
+_C.PRINT_FREQ = 10
+# Each process seeds with SEED + rank.
+_C.SEED = 0
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+
+
+def get_default_config() -> CN:
+    """A fresh, mutable copy of the defaults."""
+    return _C.clone()
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, yaml.YAMLError) as err:
+        reason = str(err).strip().splitlines()[0]
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def _merge(config: CN, update: dict, source: str) -> None:
+    try:
+        config.merge_from_other_cfg(CN(update))
+    except KeyError as err:
+        # yacs: "Non-existent config key: X"
+        raise ConfigError(f"{source}: unknown config key {str(err.args[0]).split(': ')[-1]}") from None
+    except ValueError as err:
+        # yacs: type mismatch
+        raise ConfigError(f"{source}: {' '.join(str(err).split())}") from None
+
+
+def load_yaml_config(config: CN, path: Path, _chain: tuple = ()) -> None:
+    """Merge `path` into `config`, its `BASE` files first; a cycle in `BASE` is an error."""
+    path = path.resolve()
+    if path in _chain:
+        raise ConfigError(f"config file {path} includes itself through BASE")
+    data = _read_yaml(path)
+    bases = data.pop("BASE", [""]) or [""]
+    for base in bases if isinstance(bases, list) else [bases]:
+        if base:
+            load_yaml_config(config, path.parent / base, _chain + (path,))
+    _merge(config, data, str(path))
+
+
+def _merge_opts(config: CN, opts: List[str]) -> None:
+    try:
+        config.merge_from_list(opts)
+    except AssertionError as err:
+        # yacs asserts "Non-existent key: X" and "Override list has odd length"
+        message = str(err)
+        if message.startswith("Non-existent key"):
+            message = f"unknown config key {message.split(': ', 1)[1]}"
+        raise ConfigError(f"--opts: {message}") from None
+    except ValueError as err:
+        raise ConfigError(f"--opts: {' '.join(str(err).split())}") from None
+
+
+def _validate(config: CN) -> None:
+    if config.DATA.DATASET not in DATASETS:
+        raise ConfigError(f"DATA.DATASET must be one of {', '.join(DATASETS)}, got {config.DATA.DATASET!r}")
+    if config.AMP_DTYPE not in AMP_DTYPES:
+        raise ConfigError(f"AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {config.AMP_DTYPE!r}")
+    if config.DATA.BATCH_SIZE < 1 or config.TRAIN.ACCUMULATION_STEPS < 1:
+        raise ConfigError("DATA.BATCH_SIZE and TRAIN.ACCUMULATION_STEPS must be >= 1")
+    if not 0 <= config.TRAIN.WARMUP_EPOCHS < config.TRAIN.EPOCHS:
+        raise ConfigError(f"TRAIN.WARMUP_EPOCHS ({config.TRAIN.WARMUP_EPOCHS}) must be >= 0 and below "
+                          f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
+    if config.TRAIN.KEEP_CHECKPOINTS < 1:
+        raise ConfigError("TRAIN.KEEP_CHECKPOINTS must be >= 1 (auto-resume needs the last checkpoint)")
+    mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0
+    if mixup_on and config.DATA.BATCH_SIZE % 2:
+        raise ConfigError(f"Mixup/CutMix needs an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")
+
+
+def _apply_flags(config: CN, args: argparse.Namespace) -> None:
+    """The CLI flags of the release, mapped onto their config keys (None = flag not given)."""
+    flag_keys = {
+        "batch_size": "DATA.BATCH_SIZE", "data_path": "DATA.DATA_PATH", "output": "OUTPUT", "tag": "TAG",
+        "resume": "MODEL.RESUME", "pretrained": "MODEL.PRETRAINED",
+        "accumulation_steps": "TRAIN.ACCUMULATION_STEPS", "amp_dtype": "AMP_DTYPE",
+        "model_ema": "TRAIN.EMA.ENABLE", "model_ema_decay": "TRAIN.EMA.DECAY", "seed": "SEED",
+    }
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            *parents, leaf = key.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+    if getattr(args, "use_checkpoint", False):
+        config.TRAIN.USE_CHECKPOINT = True
+    if getattr(args, "disable_amp", False):
+        config.AMP_ENABLE = False
+    if getattr(args, "eval", False):
+        config.EVAL_MODE = True
+    if getattr(args, "throughput", False):
+        config.THROUGHPUT_MODE = True
+
+
+def get_config(args: Optional[argparse.Namespace] = None) -> CN:
+    """The frozen config for `args` (attributes as produced by main.parse_args; all optional)."""
+    config = get_default_config()
+    cfg_file = getattr(args, "cfg", None)
+    if cfg_file:
+        load_yaml_config(config, Path(cfg_file))
+    if args is not None:
+        _apply_flags(config, args)
+        _merge_opts(config, list(getattr(args, "opts", None) or []))
+    _validate(config)
+    config.freeze()
+    return config
+
