@@ -1,0 +1,1 @@
+"""Training utilities: distributed setup, logging, AMP stepping, optimizer, schedule, checkpoints, loops."""

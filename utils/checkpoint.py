@@ -1,0 +1,160 @@
+"""Training checkpoints: atomic writes, retention, auto-resume discovery, and restoring a run's state.
+
+Layout of a checkpoint (a dict, loadable with torch.load(weights_only=True)):
+    model, model_ema (if EMA is on), optimizer, lr_scheduler, scaler, epoch (last completed, 0-based),
+    max_accuracy, max_accuracy_ema (best val top-1 of the model / the EMA so far), config (YAML text).
+The release's files have the same entries except that `config` is a pickled yacs node and the EMA best
+is misspelt `max_accuray_ema`; both are read.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from models import CheckpointError, load_pretrained
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from .amp import GradStepper
+
+__all__ = ["BEST_NAME", "BEST_EMA_NAME", "epoch_checkpoint_name", "read_checkpoint", "save_atomic",
+           "copy_atomic", "epoch_checkpoints", "prune_epoch_checkpoints", "training_state", "ResumeState",
+           "restore_run"]
+
+BEST_NAME = "best.pth"
+BEST_EMA_NAME = "best_ema.pth"
+_EPOCH_FILE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
+# The release pickles its yacs config node into checkpoints. Allowlisted process-wide (so that
+# models.read_state_dict accepts those files too) as a plain OrderedDict: no yacs code runs on load.
+torch.serialization.add_safe_globals([(OrderedDict, "yacs.config.CfgNode")])
+
+
+def epoch_checkpoint_name(epoch: int) -> str:
+    return f"ckpt_epoch_{epoch}.pth"
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """The checkpoint dict at `path` (weights_only); CheckpointError with a one-line reason otherwise."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...: torch raises many types
+        lines = str(err).strip().splitlines()
+        raise CheckpointError(f"cannot read checkpoint {path}: {lines[0] if lines else type(err).__name__}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_atomic(obj: Dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` with the same temporary-file-and-rename guarantee."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        shutil.copyfile(src, tmp)
+        _fsync_replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def epoch_checkpoints(output_dir: Path) -> List[Path]:
+    """ckpt_epoch_<N>.pth files in `output_dir`, oldest epoch first (by N, not by file time)."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _EPOCH_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_epoch_checkpoints(output_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` newest epoch checkpoints (best*.pth are separate files and stay)."""
+    for path in epoch_checkpoints(output_dir)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def training_state(model: nn.Module, ema: Optional[ModelEmaV3], optimizer: torch.optim.Optimizer,
+                   scheduler: Scheduler, stepper: GradStepper, epoch: int, max_accuracy: float,
+                   max_accuracy_ema: float, config_text: str) -> Dict[str, Any]:
+    """The checkpoint dict after `epoch` (layout in the module docstring)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "lr_scheduler": scheduler.state_dict(), "scaler": stepper.state_dict(), "epoch": epoch,
+             "max_accuracy": max_accuracy, "max_accuracy_ema": max_accuracy_ema, "config": config_text}
+    if ema is not None:
+        state["model_ema"] = ema.module.state_dict()
+    return state
+
+
+@dataclass
+class ResumeState:
+    """Where a restored run continues."""
+
+    start_epoch: int
+    max_accuracy: float
+    max_accuracy_ema: float
+
+
+def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: Optional[ModelEmaV3],
+                optimizer: torch.optim.Optimizer, scheduler: Scheduler, stepper: GradStepper,
+                logger: logging.Logger) -> ResumeState:
+    """Load every part present in `checkpoint` (read from `path`) into the run; weights strictly.
+
+    Parts absent from the file (e.g. a weights-only release file) keep their fresh state and are logged.
+    """
+    load_pretrained(model, str(path), use_ema=False)
+    if ema is not None:
+        if "model_ema" in checkpoint:
+            load_pretrained(ema.module, str(path), use_ema=True)
+        else:
+            ema.module.load_state_dict(model.state_dict())
+            logger.info("%s has no model_ema: EMA starts from the model weights", path)
+    restored, missing = [], []
+    for key, target in (("optimizer", optimizer), ("lr_scheduler", scheduler)):
+        if key in checkpoint:
+            try:
+                target.load_state_dict(checkpoint[key])
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise CheckpointError(f"checkpoint {path}: {key} state does not fit this run "
+                                      f"({' '.join(str(err).split())})") from None
+            restored.append(key)
+        else:
+            missing.append(key)
+    # A disabled GradScaler saves {}: only an fp16 run restores a saved scale.
+    if checkpoint.get("scaler") and stepper.scaler.is_enabled():
+        stepper.load_state_dict(checkpoint["scaler"])
+        restored.append("scaler")
+    has_epoch = "epoch" in checkpoint
+    state = ResumeState(
+        start_epoch=int(checkpoint["epoch"]) + 1 if has_epoch else 0,
+        max_accuracy=float(checkpoint.get("max_accuracy", 0.0)),
+        max_accuracy_ema=float(checkpoint.get("max_accuracy_ema", checkpoint.get("max_accuray_ema", 0.0))),
+    )
+    if not has_epoch:
+        missing.append("epoch")
+    logger.info("restored from %s: weights%s, %s; continuing at epoch %d (best acc@1 %.2f, EMA %.2f)%s",
+                path, " + EMA" if ema is not None else "", ", ".join(restored) or "no training state",
+                state.start_epoch, state.max_accuracy, state.max_accuracy_ema,
+                f"; not in file: {', '.join(missing)}" if missing else "")
+    return state

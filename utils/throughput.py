@@ -1,0 +1,37 @@
+"""Inference throughput (images/s) of a model at a fixed batch: warm-up, then timed forwards with sync."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .amp import AmpPolicy
+
+__all__ = ["WARMUP_ITERS", "TIMED_ITERS", "measure_throughput"]
+
+# As in the release: 50 untimed forwards (autotuning, caches), then 30 timed ones.
+WARMUP_ITERS = 50
+TIMED_ITERS = 30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, amp: AmpPolicy,
+                       device: torch.device) -> float:
+    """Images per second of `model.eval()` on random input of the given batch, under `amp`."""
+    model.eval()
+    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    with amp.autocast():
+        for _ in range(WARMUP_ITERS):
+            model(images)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(TIMED_ITERS):
+            model(images)
+        _sync(device)
+    return TIMED_ITERS * batch_size / (time.perf_counter() - start)
