@@ -189,6 +189,7 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
                                           broadcast_buffers=False)
     writer = SummaryWriter(str(output_dir / "tensorboard")) if ctx.is_main else None
     if ctx.is_main:
+        ckpt.remove_stale_temporaries(output_dir)
         config_file = output_dir / "config.yaml"
         tmp = config_file.with_name(f".config.yaml.tmp-{os.getpid()}")
         tmp.write_text(config.dump(), encoding="utf-8")
@@ -231,8 +232,8 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
                 f", EMA best acc@1 {best_ema:.2f}" if ema is not None else "")
 
 
-def run(args: argparse.Namespace) -> None:
-    """Everything after argument parsing; raises the exceptions that `main` turns into exit codes."""
+def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Everything after parsing `argv`; raises the exceptions that `main` turns into exit codes."""
     config = get_config(args)
     ctx = init_distributed(args.local_rank)
     logger = setup_console_logging(ctx.rank)
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> None:
     logger.info("%s on %s, rank %d of %d (local rank %d); output %s",
                 "training" if training else ("eval" if config.EVAL_MODE else "throughput"), ctx.device,
                 ctx.rank, ctx.world_size, ctx.local_rank, output_dir)
-    log_to_files(logger, logging.INFO, "command: " + " ".join(sys.argv) + "\nconfig:\n" + config.dump())
+    log_to_files(logger, logging.INFO, f"command: main.py {' '.join(argv)}\nconfig:\n{config.dump()}")
     logger.info("AMP: %s", amp.label)
     if amp_note:
         logger.info(amp_note)
@@ -288,32 +289,37 @@ def run(args: argparse.Namespace) -> None:
     _train(config, ctx, amp, loaders, model, output_dir, resume, logger)
 
 
-def _report(message: str) -> None:
-    """One line on stderr (rank 0 only, so N processes do not repeat it) and in this rank's log file."""
+def _report(message: str, every_rank: bool) -> None:
+    """One line on stderr and in this rank's log file. Bad input is the same on every rank, so only rank 0
+    prints it; a failure may hit one rank only, so each rank prints its own (prefixed in distributed runs)."""
     line = " ".join(message.split())
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"error: {line}", file=sys.stderr)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if every_rank or rank == 0:
+        prefix = f"[rank {rank}] " if every_rank and world_size > 1 else ""
+        print(f"{prefix}error: {line}", file=sys.stderr)
     log_to_files(logging.getLogger(LOGGER_NAME), logging.ERROR, line)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line `argv` and return the exit code (see the module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     usage_errors = (ConfigError, UsageError, AmpUnsupported, models.CheckpointError, data.DataError,
                     data.Mnist5kUnavailable)
     try:
-        run(args)
+        run(args, argv)
     except usage_errors as err:
-        _report(str(err))
+        _report(str(err), every_rank=False)
         return EXIT_USAGE
     except NonFiniteError as err:
-        _report(str(err))
+        _report(str(err), every_rank=True)
         return EXIT_FAILED
     except data.CorruptImageError as err:
-        _report(data.corrupt_image_summary(err))
+        _report(data.corrupt_image_summary(err), every_rank=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        _report("interrupted; relaunch the same command to continue from the newest checkpoint in the output folder")
+        _report("interrupted; relaunch the same command to continue from the newest checkpoint in the output "
+                "folder", every_rank=False)
         return EXIT_INTERRUPTED
     finally:
         shutdown_distributed()

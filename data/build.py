@@ -74,8 +74,10 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
 def _loader(config: CfgNode, dataset: CheckedImageFolder, sampler: DistributedSampler,
             is_train: bool) -> DataLoader:
     workers = config.DATA.NUM_WORKERS
+    # pinning needs a GPU; without one torch would warn on every loader
+    pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
-                      pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(), drop_last=is_train, persistent_workers=workers > 0)
+                      pin_memory=pin, drop_last=is_train, persistent_workers=workers > 0)
 
 
 def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool) -> Loaders:

@@ -116,6 +116,7 @@ def test_release_format_checkpoints(trained: Tuple[Path, str], tiny_cfg: Path, d
                                                                          "--opts", "TRAIN.EPOCHS", "3"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "continuing at epoch 2 (best acc@1 55.50, EMA 44.25)" in result.stdout
+    assert "differs from this config's" in result.stdout  # 2-epoch schedule kept, TRAIN.EPOCHS now 3
     assert epochs_done(result.stdout) == [2]
 
 

@@ -118,13 +118,16 @@ def test_restore_rejects_optimizer_state_of_other_groups(tmp_path: Path):
         ckpt.restore_run(path, ckpt.read_checkpoint(path), *_training_objects(config), logging.getLogger("t"))
 
 
-def test_retention_keeps_the_newest_by_epoch_number(tmp_path: Path):
+def test_retention_keeps_the_newest_by_epoch_number_and_drops_partial_files(tmp_path: Path):
     for epoch in (1, 2, 10, 9, 3):
         (tmp_path / ckpt.epoch_checkpoint_name(epoch)).write_bytes(b"x")
     (tmp_path / ckpt.BEST_NAME).write_bytes(b"x")
+    (tmp_path / ".ckpt_epoch_11.pth.tmp-123").write_bytes(b"partial")  # left by a run killed while saving
     ckpt.prune_epoch_checkpoints(tmp_path, keep=2)
     assert [p.name for p in ckpt.epoch_checkpoints(tmp_path)] == ["ckpt_epoch_9.pth", "ckpt_epoch_10.pth"]
     assert (tmp_path / ckpt.BEST_NAME).exists()
+    ckpt.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "ckpt_epoch_10.pth", "ckpt_epoch_9.pth"]
 
 
 def test_unreadable_checkpoints_raise_one_line_errors(tmp_path: Path):

@@ -19,15 +19,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from models import CheckpointError, load_pretrained
-from timm.scheduler.scheduler import Scheduler
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from .amp import GradStepper
 
 __all__ = ["BEST_NAME", "BEST_EMA_NAME", "epoch_checkpoint_name", "read_checkpoint", "save_atomic",
-           "copy_atomic", "epoch_checkpoints", "prune_epoch_checkpoints", "training_state", "ResumeState",
-           "restore_run"]
+           "copy_atomic", "epoch_checkpoints", "prune_epoch_checkpoints", "remove_stale_temporaries",
+           "training_state", "ResumeState", "restore_run"]
 
 BEST_NAME = "best.pth"
 BEST_EMA_NAME = "best_ema.pth"
@@ -96,7 +96,7 @@ def prune_epoch_checkpoints(output_dir: Path, keep: int) -> None:
 
 
 def training_state(model: nn.Module, ema: Optional[ModelEmaV3], optimizer: torch.optim.Optimizer,
-                   scheduler: Scheduler, stepper: GradStepper, epoch: int, max_accuracy: float,
+                   scheduler: CosineLRScheduler, stepper: GradStepper, epoch: int, max_accuracy: float,
                    max_accuracy_ema: float, config_text: str) -> Dict[str, Any]:
     """The checkpoint dict after `epoch` (layout in the module docstring)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -105,6 +105,12 @@ def training_state(model: nn.Module, ema: Optional[ModelEmaV3], optimizer: torch
     if ema is not None:
         state["model_ema"] = ema.module.state_dict()
     return state
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Delete temporary files left by a run killed while saving (call before this run saves anything)."""
+    for path in output_dir.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -117,7 +123,7 @@ class ResumeState:
 
 
 def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: Optional[ModelEmaV3],
-                optimizer: torch.optim.Optimizer, scheduler: Scheduler, stepper: GradStepper,
+                optimizer: torch.optim.Optimizer, scheduler: CosineLRScheduler, stepper: GradStepper,
                 logger: logging.Logger) -> ResumeState:
     """Load every part present in `checkpoint` (read from `path`) into the run; weights strictly.
 
@@ -131,6 +137,7 @@ def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: O
             ema.module.load_state_dict(model.state_dict())
             logger.info("%s has no model_ema: EMA starts from the model weights", path)
     restored, missing = [], []
+    planned = (scheduler.t_initial, scheduler.warmup_t)
     for key, target in (("optimizer", optimizer), ("lr_scheduler", scheduler)):
         if key in checkpoint:
             try:
@@ -141,6 +148,10 @@ def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: O
             restored.append(key)
         else:
             missing.append(key)
+    if (scheduler.t_initial, scheduler.warmup_t) != planned:
+        logger.warning("the LR schedule of %s (%d cosine + %d warm-up updates) differs from this config's "
+                       "(%d + %d); the checkpoint's schedule is kept", path, scheduler.t_initial,
+                       scheduler.warmup_t, *planned)
     # A disabled GradScaler saves {}: only an fp16 run restores a saved scale.
     if checkpoint.get("scaler") and stepper.scaler.is_enabled():
         stepper.load_state_dict(checkpoint["scaler"])

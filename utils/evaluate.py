@@ -19,7 +19,7 @@ __all__ = ["EvalResult", "evaluate"]
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Accuracies in percent (acc5 is top-min(5, classes)), mean cross-entropy, and the number of images counted (all processes)."""
+    """Accuracies in percent (acc5 is top-min(5, classes)), mean cross-entropy, images counted (all processes)."""
 
     acc1: float
     acc5: float
@@ -30,7 +30,7 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, amp: AmpPolicy, device: torch.device, logger: logging.Logger,
              print_freq: int, label: str = "model") -> EvalResult:
-    """Evaluate `model` on `loader`; sums (not per-process means) are reduced so shards may differ in size."""
+    """Evaluate `model` on `loader`; sums over images (not per-process means) are reduced over processes."""
     model.eval()
     # loss sum, top-1 hits, top-k hits, images
     totals = torch.zeros(4, dtype=torch.float64, device=device)
