@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <limits>
 
 #include "scan.h"
@@ -166,12 +167,17 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
               "defmamba_scan_cuda: dout must be (batch, D, L) on the device of u");
   TORCH_CHECK(dout.scalar_type() == at::kFloat || dout.scalar_type() == u.scalar_type(),
               "defmamba_scan_cuda: dout must be float32 or the input dtype");
-  TORCH_CHECK(states.is_cuda() && states.scalar_type() == at::kFloat && states.dim() == 4 &&
+  TORCH_CHECK(states.is_cuda() && states.device() == u.device() && states.scalar_type() == at::kFloat &&
+                  states.dim() == 4 &&
                   states.size(0) == geo.batch && states.size(1) == geo.dim && states.size(2) == geo.n_ckpt &&
                   states.size(3) == geo.ns,
               "defmamba_scan_cuda: states do not come from fwd() on these shapes");
   const at::Tensor dout_c = dout.contiguous();
-  const at::Tensor states_c = states.contiguous();
+  at::Tensor states_c = states.contiguous();
+  // the kernel reads states with float4 loads: a view at an odd offset gets a fresh (aligned) copy
+  if (reinterpret_cast<std::uintptr_t>(states_c.data_ptr()) % 16 != 0) {
+    states_c = states_c.clone(at::MemoryFormat::Contiguous);
+  }
   const auto fopt = u.options().dtype(at::kFloat);
 
   at::Tensor du = at::empty_like(in.u);
