@@ -35,6 +35,20 @@ def snapshot(folder: Path) -> Dict[str, Tuple[int, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture()
+def run_here(capsys: pytest.CaptureFixture):
+    """main.main() in this interpreter (no start-up cost), returning a CompletedProcess like run_main."""
+    import main as trainer
+
+    def run(args: List[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = trainer.main(args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["main.py"] + args, code, out, err)
+
+    return run
+
+
 def base_args(cfg: Path, digits: Path, output: Path) -> List[str]:
     return ["--cfg", str(cfg), "--data-path", str(digits), "--output", str(output)]
 
@@ -79,10 +93,10 @@ def test_tensorboard_scalars(trained: Tuple[Path, str]):
 
 
 def test_eval_reproduces_the_training_validation(trained: Tuple[Path, str], tiny_cfg: Path, digits: Path,
-                                                 tmp_path: Path):
+                                                 tmp_path: Path, run_here):
     output, train_stdout = trained
     ckpt = output / RUN / "ckpt_epoch_1.pth"
-    result = run_main(base_args(tiny_cfg, digits, tmp_path) + ["--resume", str(ckpt), "--eval"])
+    result = run_here(base_args(tiny_cfg, digits, tmp_path) + ["--resume", str(ckpt), "--eval"])
     assert result.returncode == 0, result.stderr[-3000:]
     # same weights, same val set, fp32: the numbers of the last training epoch, for the model and the EMA
     assert val_accuracies(result.stdout, "model") == val_accuracies(train_stdout, "model")[-1:]
@@ -102,17 +116,18 @@ def _release_checkpoint(src: Path, dst: Path, full: bool) -> None:
     torch.save(release, dst)
 
 
-def test_release_format_checkpoints(trained: Tuple[Path, str], tiny_cfg: Path, digits: Path, tmp_path: Path):
+def test_release_format_checkpoints(trained: Tuple[Path, str], tiny_cfg: Path, digits: Path, tmp_path: Path,
+                                    run_here):
     output, train_stdout = trained
     weights = tmp_path / "release_weights.pth"
     _release_checkpoint(output / RUN / "ckpt_epoch_1.pth", weights, full=False)
-    result = run_main(base_args(tiny_cfg, digits, tmp_path / "eval") + ["--resume", str(weights), "--eval"])
+    result = run_here(base_args(tiny_cfg, digits, tmp_path / "eval") + ["--resume", str(weights), "--eval"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert val_accuracies(result.stdout, "EMA") == val_accuracies(train_stdout, "EMA")[-1:]
 
     full = tmp_path / "release_full.pth"
     _release_checkpoint(output / RUN / "ckpt_epoch_1.pth", full, full=True)
-    result = run_main(base_args(tiny_cfg, digits, tmp_path / "resume") + ["--resume", str(full),
+    result = run_here(base_args(tiny_cfg, digits, tmp_path / "resume") + ["--resume", str(full),
                                                                          "--opts", "TRAIN.EPOCHS", "3"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "continuing at epoch 2 (best acc@1 55.50, EMA 44.25)" in result.stdout
@@ -121,7 +136,7 @@ def test_release_format_checkpoints(trained: Tuple[Path, str], tiny_cfg: Path, d
 
 
 def test_interrupted_run_continues_without_losing_or_repeating_epochs(tiny_cfg: Path, digits: Path,
-                                                                       tmp_path: Path):
+                                                                       tmp_path: Path, run_here):
     args = base_args(tiny_cfg, digits, tmp_path) + ["--opts", "TRAIN.EPOCHS", "4"]
     run = tmp_path / RUN
     proc = subprocess.Popen([sys.executable, "main.py"] + args, cwd=REPO, stdout=subprocess.PIPE,
@@ -137,7 +152,7 @@ def test_interrupted_run_continues_without_losing_or_repeating_epochs(tiny_cfg: 
     assert saved < 3  # stopped before the end
     assert set(epochs_done(first_out)) <= set(range(saved + 1))
 
-    second = run_main(args)
+    second = run_here(args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"continuing at epoch {saved + 1}" in second.stdout
     assert epochs_done(second.stdout) == list(range(saved + 1, 4))
@@ -148,11 +163,11 @@ def test_interrupted_run_continues_without_losing_or_repeating_epochs(tiny_cfg: 
 
 
 def test_auto_resume_skips_an_unreadable_newest_checkpoint(trained: Tuple[Path, str], tiny_cfg: Path,
-                                                           digits: Path, tmp_path: Path):
+                                                           digits: Path, tmp_path: Path, run_here):
     shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
     newest = tmp_path / RUN / "ckpt_epoch_1.pth"
     newest.write_bytes(newest.read_bytes()[:1000])  # a file cut short by a full disk
-    result = run_main(base_args(tiny_cfg, digits, tmp_path) + ["--opts", "TRAIN.EPOCHS", "3"])
+    result = run_here(base_args(tiny_cfg, digits, tmp_path) + ["--opts", "TRAIN.EPOCHS", "3"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "auto-resume: skipping cannot read checkpoint" in result.stdout
     assert epochs_done(result.stdout) == [1, 2]
@@ -189,26 +204,26 @@ def test_distributed_launchers_agree(tiny_cfg: Path, digits: Path, tmp_path: Pat
     assert all(torch.equal(weights["torchrun"][k], weights["launch"][k]) for k in weights["torchrun"])
 
 
-def test_activation_checkpointing_accumulation_and_bf16(tiny_cfg: Path, digits: Path, tmp_path: Path):
+def test_activation_checkpointing_accumulation_and_bf16(tiny_cfg: Path, digits: Path, tmp_path: Path,
+                                                        run_here):
     args = base_args(tiny_cfg, digits, tmp_path) + [
         "--use-checkpoint", "--accumulation-steps", "2", "--amp-dtype", "bf16", "--batch-size", "4",
         "--opts", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0"]
-    result = run_main(args)
+    result = run_here(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "AMP: bf16" in result.stdout and "(3 updates per epoch)" in result.stdout
     state = torch.load(tmp_path / RUN / "ckpt_epoch_0.pth", weights_only=True)
     assert {int(s["step"]) for s in state["optimizer"]["state"].values()} == {3}
 
 
-def test_throughput(tiny_cfg: Path, tmp_path: Path):
-    result = run_main(["--cfg", str(tiny_cfg), "--output", str(tmp_path), "--throughput"])
+def test_throughput(tiny_cfg: Path, tmp_path: Path, run_here):
+    result = run_here(["--cfg", str(tiny_cfg), "--output", str(tmp_path), "--throughput"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"throughput \(fp32, batch 8, 32 px\): [\d.]+ images/s", result.stdout)
 
 
 def test_nan_loss_stops_naming_the_iteration(trained: Tuple[Path, str], tiny_cfg: Path, digits: Path,
-                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture):
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_here):
     import main as trainer
 
     real_build = models.build_model
@@ -231,9 +246,9 @@ def test_nan_loss_stops_naming_the_iteration(trained: Tuple[Path, str], tiny_cfg
     before = snapshot(tmp_path / RUN)
     monkeypatch.setattr(trainer.models, "build_model", build_with_nan_in_second_training_forward)
     # auto-resumes after epoch 1, so the second training forward is epoch 2, iteration 2 of 3
-    code = trainer.main(base_args(tiny_cfg, digits, tmp_path) + ["--opts", "TRAIN.EPOCHS", "4"])
-    assert code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
+    result = run_here(base_args(tiny_cfg, digits, tmp_path) + ["--opts", "TRAIN.EPOCHS", "4"])
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
     assert lines == ["error: loss is nan at epoch 2 iteration 2/3; stopped before the update, the last "
                      "checkpoint is left intact"]
     assert {k: v for k, v in snapshot(tmp_path / RUN).items() if k.endswith(".pth")} == \
@@ -258,10 +273,7 @@ IN_SUBPROCESS = {"unknown flag", "missing data path"}
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_and_leaves_the_run_intact(case: str, trained: Tuple[Path, str], tiny_cfg: Path,
-                                                         digits: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture):
-    import main as trainer
-
+                                                         digits: Path, tmp_path: Path, run_here):
     extra, code, message = BAD_INPUTS[case]
     output = tmp_path / "out"
     shutil.copytree(trained[0], output)
@@ -272,14 +284,9 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case: str, trained: Tup
     tag = ["--tag", "fresh"] if case == "corrupt image" else []
     before = snapshot(output / RUN)
     args = base_args(tiny_cfg, digits, output) + tag + [a.format(tmp=tmp_path) for a in extra]
-    if case in IN_SUBPROCESS:
-        result = run_main(args)
-        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
-    else:
-        returncode = trainer.main(args)
-        stdout, stderr = capsys.readouterr()
-    assert returncode == code
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), stderr[-2000:]
-    assert "Traceback" not in stdout + stderr
+    result = run_main(args) if case in IN_SUBPROCESS else run_here(args)
+    assert result.returncode == code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
     assert snapshot(output / RUN) == before
