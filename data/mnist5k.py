@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,8 @@ from PIL import Image
 
 __all__ = ["MNIST5K_INSTALL_HINT", "Mnist5kUnavailable", "default_mnist5k_root", "ensure_mnist5k",
            "TRAIN_PER_CLASS", "VAL_PER_CLASS", "csv_path"]
+
+_logger = logging.getLogger("defmamba.data")
 
 TRAIN_PER_CLASS = 400
 VAL_PER_CLASS = 100
@@ -64,7 +67,9 @@ def ensure_mnist5k(root: Path) -> Path:
     """`root` holding the ImageFolder split above, written on first use; returns `root`."""
     if root.is_dir():
         return root
-    with gzip.open(csv_path(), "rt") as f:
+    source = csv_path()
+    _logger.info("first use of MNIST-5k: writing the train/val images from %s to %s", source, root)
+    with gzip.open(source, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     labels = table[:, -1]
     train_ids, val_ids = [], []
