@@ -42,7 +42,9 @@ def _corners(pos: Tensor, height: int, width: int) -> Corners:
             wx = fx if ox else 1 - fx
             sx = 1.0 if ox else -1.0
             valid = ((yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)).float()
-            index.append((yy.clamp(0, height - 1) * width + xx.clamp(0, width - 1)).long())
+            # non-finite positions (a diverged run) read pixel 0 with a NaN weight, so NaN reaches the loss
+            index.append((yy.nan_to_num(0.0).clamp(0, height - 1) * width
+                          + xx.nan_to_num(0.0).clamp(0, width - 1)).long())
             weight.append(wy * wx * valid)
             dwy.append(sy * wx * valid)
             dwx.append(sx * wy * valid)

@@ -6,12 +6,17 @@ this project's trainers, or a bare state_dict. Every missing or unexpected key i
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["CheckpointError", "read_state_dict", "load_pretrained"]
+
+# The release pickles its yacs config node into checkpoints; allowlisted (process-wide) as a plain
+# OrderedDict so weights_only loading accepts those files without running any yacs code.
+torch.serialization.add_safe_globals([(OrderedDict, "yacs.config.CfgNode")])
 
 # prefixes added by DistributedDataParallel / torch.compile wrappers around the saved module
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

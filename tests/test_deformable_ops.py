@@ -115,3 +115,13 @@ def test_degenerate_resolutions_stay_finite(size):
     layer = DeformableScan(4, 3)
     seq, perm = layer(torch.randn(2, 4, *size))
     assert torch.isfinite(seq).all() and seq.shape == (2, 4, size[0] * size[1])
+
+
+def test_non_finite_offsets_propagate_nan_instead_of_raising():
+    x = rand(1, 2, 4, 4)
+    pos = random_positions(1, 4, 4, 7)
+    pos[0, 1, 2, 0] = float("nan")
+    pos[0, 3, 3, 1] = float("inf")
+    out = PointOffsetSample.apply(x, pos)
+    assert out[0, :, 1, 2].isnan().all() and out[0, :, 3, 3].isnan().all()
+    assert torch.isfinite(out[0, :, 0]).all()

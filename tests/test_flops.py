@@ -4,6 +4,8 @@ import math
 import pytest
 import timm
 
+import models  # noqa: F401  (registers the timm names)
+
 from utils.flops import ScanFlopConvention, count_flops, count_params
 
 # official README GFLOPs at 224x224 (release convention)

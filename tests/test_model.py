@@ -164,3 +164,11 @@ def test_missing_extra_and_corrupt_checkpoints_are_clear_errors(tmp_path):
     torch.save({"model": state}, tmp_path / "noema.pth")
     with pytest.raises(CheckpointError, match="no 'model_ema' entry"):
         load_pretrained(model, str(tmp_path / "noema.pth"), use_ema=True)
+
+
+def test_release_checkpoint_with_pickled_yacs_config_loads(tmp_path):
+    from yacs.config import CfgNode
+    model = tiny_model()
+    config = CfgNode({"MODEL": CfgNode({"NAME": "defm_tiny_e300"})})
+    torch.save({"model": model.state_dict(), "config": config, "epoch": 299}, tmp_path / "release.pth")
+    load_pretrained(tiny_model(), str(tmp_path / "release.pth"))

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -32,9 +31,6 @@ __all__ = ["BEST_NAME", "BEST_EMA_NAME", "epoch_checkpoint_name", "read_checkpoi
 BEST_NAME = "best.pth"
 BEST_EMA_NAME = "best_ema.pth"
 _EPOCH_FILE = re.compile(r"^ckpt_epoch_(\d+)\.pth$")
-# The release pickles its yacs config node into checkpoints. Allowlisted process-wide (so that
-# models.read_state_dict accepts those files too) as a plain OrderedDict: no yacs code runs on load.
-torch.serialization.add_safe_globals([(OrderedDict, "yacs.config.CfgNode")])
 
 
 def epoch_checkpoint_name(epoch: int) -> str:
