@@ -302,17 +302,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) scan_bwd_kernel(const BwdParam
 
 template <typename T, int NS>
 static cudaError_t launch_bwd_t(const BwdParams& p, cudaStream_t stream) {
-  const int warps = p.geo.warps;
-  const size_t smem = bwd_smem_bytes(NS, warps);
-  auto kernel = scan_bwd_kernel<T, NS>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(p.geo.groups * p.geo.tiles_per_group, p.geo.batch);
-  kernel<<<grid, warps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_scan_kernel(scan_bwd_kernel<T, NS>, p, bwd_smem_bytes(NS, p.geo.warps), stream);
 }
 
 cudaError_t launch_bwd(const BwdParams& p, DType dtype, cudaStream_t stream) {

@@ -86,4 +86,18 @@ __device__ __forceinline__ int scatter_index(int r, int lane) {
   return idx;
 }
 
+// Launch one of the scan kernels: grid (groups x channel tiles, batch), opting in to more than 48 KB
+// of dynamic shared memory when the block needs it.
+template <typename Params>
+inline cudaError_t launch_scan_kernel(void (*kernel)(Params), const Params& p, size_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(p.geo.groups * p.geo.tiles_per_group, p.geo.batch);
+  kernel<<<grid, p.geo.warps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace dmscan

@@ -155,17 +155,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32) scan_fwd_kernel(const FwdParam
 
 template <typename T, int NS>
 static cudaError_t launch_fwd_t(const FwdParams& p, cudaStream_t stream) {
-  const int warps = p.geo.warps;
-  const size_t smem = fwd_smem_bytes(NS, warps);
-  auto kernel = scan_fwd_kernel<T, NS>;
-  if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
-  const dim3 grid(p.geo.groups * p.geo.tiles_per_group, p.geo.batch);
-  kernel<<<grid, warps * 32, smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_scan_kernel(scan_fwd_kernel<T, NS>, p, fwd_smem_bytes(NS, p.geo.warps), stream);
 }
 
 cudaError_t launch_fwd(const FwdParams& p, DType dtype, cudaStream_t stream) {
