@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Any, Dict, List, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_state_dict", "load_pretrained"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "load_pretrained"]
 
 # The release pickles its yacs config node into checkpoints; allowlisted (process-wide) as a plain
 # OrderedDict so weights_only loading accepts those files without running any yacs code.
@@ -33,17 +33,23 @@ def _strip_wrappers(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return state
 
 
-def read_state_dict(path: str, use_ema: bool = False) -> Dict[str, Tensor]:
-    """The model (or EMA) state dict stored in `path`, loaded with torch.load(weights_only=True)."""
+def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The dict stored in `path`, loaded with torch.load(weights_only=True); CheckpointError otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for truncated/foreign files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+    except Exception as err:  # truncated zip, foreign pickle, ...: torch raises many types
+        lines = str(err).strip().splitlines()
+        raise CheckpointError(f"cannot read checkpoint {path}: {lines[0] if lines else type(err).__name__}") from None
     if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def read_state_dict(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, Tensor]:
+    """The model (or EMA) state dict stored in `path` (a checkpoint dict or a bare state dict)."""
+    obj = read_checkpoint(path)
     key = "model_ema" if use_ema else "model"
     if key in obj:
         obj = obj[key]

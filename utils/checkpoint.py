@@ -14,10 +14,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from models import CheckpointError, load_pretrained
+from models import CheckpointError, load_pretrained, read_checkpoint
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -37,44 +37,30 @@ def epoch_checkpoint_name(epoch: int) -> str:
     return f"ckpt_epoch_{epoch}.pth"
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
-    """The checkpoint dict at `path` (weights_only); CheckpointError with a one-line reason otherwise."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, ...: torch raises many types
-        lines = str(err).strip().splitlines()
-        raise CheckpointError(f"cannot read checkpoint {path}: {lines[0] if lines else type(err).__name__}") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
-    return obj
-
-
 def _fsync_replace(tmp: Path, path: Path) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def save_atomic(obj: Dict[str, Any], path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: readers never see a partial file."""
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) into a temporary file in the same folder, then rename: readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         _fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def save_atomic(obj: Dict[str, Any], path: Path) -> None:
+    """torch.save `obj` to `path` atomically."""
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
 def copy_atomic(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` with the same temporary-file-and-rename guarantee."""
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        shutil.copyfile(src, tmp)
-        _fsync_replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Copy `src` to `dst` atomically."""
+    _write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def epoch_checkpoints(output_dir: Path) -> List[Path]:
