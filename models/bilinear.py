@@ -12,6 +12,8 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .precision import to_accumulation
+
 
 class Corners(NamedTuple):
     """The four neighbours of every sample point, flattened over the image."""
@@ -21,15 +23,10 @@ class Corners(NamedTuple):
     dwx: List[Tensor]     # 4 x (B, P) d weight / d x_pixel
 
 
-def _acc(t: Tensor) -> Tensor:
-    """Accumulation dtype: fp32, or fp64 when the caller works in fp64 (gradcheck)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def _corners(pos: Tensor, height: int, width: int) -> Corners:
     """Neighbour indices and weights for `pos` (B, P, 2) in normalised (y, x) coordinates."""
-    py = (_acc(pos[..., 0]) + 1) * (0.5 * (height - 1))
-    px = (_acc(pos[..., 1]) + 1) * (0.5 * (width - 1))
+    py = (to_accumulation(pos[..., 0]) + 1) * (0.5 * (height - 1))
+    px = (to_accumulation(pos[..., 1]) + 1) * (0.5 * (width - 1))
     y0, x0 = py.floor(), px.floor()
     fy, fx = py - y0, px - x0
     index, weight, dwy, dwx = [], [], [], []
@@ -60,7 +57,7 @@ def _gather(src: Tensor, index: Tensor, batch: int) -> Tensor:
 def bilinear_sample(src: Tensor, pos: Tensor) -> Tensor:
     """Sample src (Bs, C, H, W) at pos (B, P, 2) -> (B, C, P) in fp32 (fp64 for fp64 input); Bs may be 1 (shared source)."""
     height, width = src.shape[-2:]
-    flat = _acc(src.flatten(2))
+    flat = to_accumulation(src.flatten(2))
     corners = _corners(pos, height, width)
     out = None
     for idx, w in zip(corners.index, corners.weight):
@@ -75,8 +72,8 @@ def bilinear_sample_backward(src: Tensor, pos: Tensor, grad: Tensor, need_src: b
     batch = pos.shape[0]
     height, width = src.shape[-2:]
     channels = src.shape[1]
-    grad = _acc(grad)
-    flat = _acc(src.flatten(2))
+    grad = to_accumulation(grad)
+    flat = to_accumulation(src.flatten(2))
     corners = _corners(pos, height, width)
     dsrc = grad.new_zeros(batch, channels, height * width) if need_src else None
     dpy = dpx = None

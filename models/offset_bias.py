@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .bilinear import bilinear_sample, bilinear_sample_backward
+from .precision import accumulation_dtype
 
 __all__ = ["OffsetBias", "offset_bias", "resize_matrix"]
 
@@ -33,7 +34,7 @@ def resize_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch
 
 
 def _resize(table: Tensor, size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor]:
-    dtype = table.dtype if table.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(table.dtype)
     ry = resize_matrix(size[0], table.shape[-2], dtype, table.device)
     rx = resize_matrix(size[1], table.shape[-1], dtype, table.device)
     return ry @ table.to(dtype) @ rx.t(), ry, rx

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .precision import to_accumulation
+
 __all__ = ["selective_scan_fn", "selective_scan_reference", "cuda_extension_available"]
 
 _logger = logging.getLogger(__name__)
@@ -75,11 +77,6 @@ def _linear_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.view(bsz, dim, nchunk * steps, nstate)[:, :, :length]
 
 
-def _acc(t: Tensor) -> Tensor:
-    """fp32 accumulation, or fp64 when the caller works in fp64 (tests against float64 references)."""
-    return t if t.dtype == torch.float64 else t.float()
-
-
 def _expand_groups(x: Tensor, dim: int) -> Tensor:
     """(batch, G, N, L) -> (batch, D, L, N): each channel sees its group's B or C."""
     bsz, groups, nstate, length = x.shape
@@ -95,12 +92,12 @@ def _reduce_groups(x: Tensor, groups: int) -> Tensor:
 def _discretize(u: Tensor, delta: Tensor, A: Tensor, Bg: Tensor, delta_bias: Optional[Tensor],
                 delta_softplus: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """fp32 dt, the decay a = exp(dt A) and the input term b = dt u B, all (batch, D, L[, N])."""
-    pre = _acc(delta)
+    pre = to_accumulation(delta)
     if delta_bias is not None:
-        pre = pre + _acc(delta_bias)[:, None]
+        pre = pre + to_accumulation(delta_bias)[:, None]
     dt = F.softplus(pre) if delta_softplus else pre
-    a = torch.exp(dt.unsqueeze(-1) * _acc(A)[:, None, :])
-    b = (dt * _acc(u)).unsqueeze(-1) * Bg
+    a = torch.exp(dt.unsqueeze(-1) * to_accumulation(A)[:, None, :])
+    b = (dt * to_accumulation(u)).unsqueeze(-1) * Bg
     return pre, dt, a, b
 
 
@@ -111,13 +108,13 @@ class _ReferenceScan(torch.autograd.Function):
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
         dim = u.shape[1]
-        Bg = _expand_groups(_acc(B), dim)
-        Cg = _expand_groups(_acc(C), dim)
+        Bg = _expand_groups(to_accumulation(B), dim)
+        Cg = _expand_groups(to_accumulation(C), dim)
         _, _, a, b = _discretize(u, delta, A, Bg, delta_bias, delta_softplus)
         h = _linear_scan(a, b)
         y = torch.einsum("bdln,bdln->bdl", h, Cg)
         if D is not None:
-            y = y + _acc(D)[:, None] * _acc(u)
+            y = y + to_accumulation(D)[:, None] * to_accumulation(u)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         return y
@@ -126,10 +123,10 @@ class _ReferenceScan(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
         dim, groups = u.shape[1], B.shape[1]
-        dy = _acc(dy)
-        uf = _acc(u)
-        Bg = _expand_groups(_acc(B), dim)
-        Cg = _expand_groups(_acc(C), dim)
+        dy = to_accumulation(dy)
+        uf = to_accumulation(u)
+        Bg = _expand_groups(to_accumulation(B), dim)
+        Cg = _expand_groups(to_accumulation(C), dim)
         pre, dt, a, b = _discretize(u, delta, A, Bg, delta_bias, ctx.delta_softplus)
         h = _linear_scan(a, b)
 
@@ -142,12 +139,12 @@ class _ReferenceScan(torch.autograd.Function):
 
         gB = g * Bg
         du = dt * gB.sum(-1)
-        ddt = uf * gB.sum(-1) + (da * _acc(A)[:, None, :]).sum(-1)
+        ddt = uf * gB.sum(-1) + (da * to_accumulation(A)[:, None, :]).sum(-1)
         dB = _reduce_groups(g * (dt * uf).unsqueeze(-1), groups)
         dA = (da * dt.unsqueeze(-1)).sum((0, 2))
         dD = None
         if D is not None:
-            du = du + _acc(D)[:, None] * dy
+            du = du + to_accumulation(D)[:, None] * dy
             dD = (dy * uf).sum((0, 2))
         ddelta = ddt * torch.sigmoid(pre) if ctx.delta_softplus else ddt
         dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
