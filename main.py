@@ -31,7 +31,7 @@ from utils import checkpoint as ckpt
 from utils.amp import AmpPolicy, AmpUnsupported, GradStepper, resolve_amp
 from utils.distributed import DistContext, barrier, init_distributed, shutdown_distributed
 from utils.evaluate import EvalResult, evaluate
-from utils.flops import count_flops
+from utils.flops import count_flops, count_params
 from utils.logger import LOGGER_NAME, add_file_logging, log_to_files, setup_console_logging
 from utils.lr_scheduler import build_scheduler, scaled_lrs
 from utils.meters import format_seconds
@@ -92,7 +92,7 @@ class UsageError(ValueError):
 
 
 def _log_model(model: nn.Module, config: CfgNode, logger: logging.Logger) -> None:
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = count_params(model)
     try:
         gflops = count_flops(model, config.DATA.IMG_SIZE, config.MODEL.DEFMAMBA.IN_CHANS)
     except Exception as err:  # a FLOPs-tracing problem must not stop training
