@@ -67,17 +67,30 @@ void check_param(const std::optional<at::Tensor>& t, const char* name, int64_t d
   TORCH_CHECK(t->dim() == 1 && t->size(0) == dim, "defmamba_scan_cuda: ", name, " must have shape (", dim, ",)");
 }
 
-const float* float_ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
-  if (!t.has_value() || !t->defined()) return nullptr;
-  keep = t->to(at::kFloat).contiguous();
-  return keep.data_ptr<float>();
+// fp32 contiguous copy of an optional (dim,) parameter, undefined when absent
+at::Tensor float_or_undefined(const std::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  return t->to(at::kFloat).contiguous();
 }
 
 struct Checked {
-  at::Tensor u, delta, A, B, C;
+  at::Tensor u, delta, A, B, C, D, bias;  // D / bias undefined when absent
   ScanGeometry geo;
   DType dtype;
 };
+
+// The input pointers shared by FwdParams and BwdParams.
+template <typename Params>
+void set_inputs(Params& p, const Checked& in) {
+  p.geo = in.geo;
+  p.u = in.u.data_ptr();
+  p.delta = in.delta.data_ptr();
+  p.A = in.A.data_ptr<float>();
+  p.B = in.B.data_ptr();
+  p.C = in.C.data_ptr();
+  p.D = in.D.defined() ? in.D.data_ptr<float>() : nullptr;
+  p.bias = in.bias.defined() ? in.bias.data_ptr<float>() : nullptr;
+}
 
 Checked check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                      const at::Tensor& C, const std::optional<at::Tensor>& D,
@@ -112,6 +125,8 @@ Checked check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   r.A = A.to(at::kFloat).contiguous();
   r.B = B.contiguous();
   r.C = C.contiguous();
+  r.D = float_or_undefined(D);
+  r.bias = float_or_undefined(delta_bias);
   r.dtype = to_dtype(u);
   r.geo.batch = static_cast<int>(batch);
   r.geo.dim = static_cast<int>(dim);
@@ -139,16 +154,8 @@ std::vector<at::Tensor> scan_fwd(const at::Tensor& u, const at::Tensor& delta, c
   if (out.numel() == 0) return {out, states};
 
   choose_tiling(geo, /*backward=*/false, u.get_device());
-  at::Tensor D_f, bias_f;
   FwdParams p;
-  p.geo = geo;
-  p.u = in.u.data_ptr();
-  p.delta = in.delta.data_ptr();
-  p.A = in.A.data_ptr<float>();
-  p.B = in.B.data_ptr();
-  p.C = in.C.data_ptr();
-  p.D = float_ptr_or_null(D, D_f);
-  p.bias = float_ptr_or_null(delta_bias, bias_f);
+  set_inputs(p, in);
   p.out = out.data_ptr();
   p.states = states.data_ptr<float>();
   p.out_float = out_float;
@@ -202,16 +209,8 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& u, const at::Tensor& delta, c
   at::Tensor dD_part = has_D ? at::empty({geo.batch, geo.dim}, fopt) : at::Tensor();
   at::Tensor dbias_part = has_bias ? at::empty({geo.batch, geo.dim}, fopt) : at::Tensor();
 
-  at::Tensor D_f, bias_f;
   BwdParams p;
-  p.geo = geo;
-  p.u = in.u.data_ptr();
-  p.delta = in.delta.data_ptr();
-  p.A = in.A.data_ptr<float>();
-  p.B = in.B.data_ptr();
-  p.C = in.C.data_ptr();
-  p.D = float_ptr_or_null(D, D_f);
-  p.bias = float_ptr_or_null(delta_bias, bias_f);
+  set_inputs(p, in);
   p.dout = dout_c.data_ptr();
   p.dout_float = dout_c.scalar_type() == at::kFloat;
   p.states = states_c.data_ptr<float>();
