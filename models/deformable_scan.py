@@ -19,10 +19,8 @@ import torch
 from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
-from .index_offset import sort_tokens
-from .offset_bias import offset_bias
+from .deformable_sequence import deformable_sequence
 from .offset_network import OffsetNetwork
-from .point_offset import sample_at_points
 
 __all__ = ["DeformableScan"]
 
@@ -79,5 +77,4 @@ class DeformableScan(nn.Module):
         pos = reference_points(height, width, x.device) + point_offset               # (B, H, W, 2)
         path = path_reference(height * width, x.device) + torch.tanh(raw[:, 2]).flatten(1)
         disp = (key_points(height, width, x.device) - pos) * 0.5
-        features = sample_at_points(x, pos) + offset_bias(self.rpe_table, disp)
-        return sort_tokens(features.flatten(2), path)
+        return deformable_sequence(x, pos, self.rpe_table, disp, path)

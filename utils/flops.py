@@ -65,7 +65,7 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     scan = _scan_handle(convention)
     return {
         "prim::PythonOp._ReferenceScan": scan,
-        "prim::PythonOp._CudaScan": scan,
+        "prim::PythonOp.CudaScan": scan,
         "prim::PythonOp.PointOffsetSample": _per_output_element(4),
         "prim::PythonOp.OffsetBias": _per_output_element(8),
         "prim::PythonOp.IndexOffsetSort": None,
