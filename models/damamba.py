@@ -168,7 +168,7 @@ class DAMamba(nn.Module):
         self.num_classes = num_classes
         self.num_stages = len(depths)
         self.num_features = self.head_hidden_size = dims[-1]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: buildable on meta
 
         self.stem = stem(in_chans, dims[0])
         self.stages = nn.ModuleList()

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .adaptive_sampling import adaptive_sample
 from .damamba_layers import LN_EPS, ChannelLayerNorm, ToChannelsLast
+from .precision import to_accumulation
 from .selective_scan import selective_scan_fn
 
 __all__ = ["OffsetNetwork", "DASSM"]
@@ -95,7 +96,7 @@ class DASSM(nn.Module):
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
         dts = torch.einsum("brl,cr->bcl", dts, self.dt_projs_weight)
         y = selective_scan_fn(
-            u, dts, -torch.exp(self.A_logs.float()), Bs.unsqueeze(1), Cs.unsqueeze(1),
-            self.Ds.float(), self.dt_projs_bias.float(), delta_softplus=True,
+            u, dts, -torch.exp(to_accumulation(self.A_logs)), Bs.unsqueeze(1), Cs.unsqueeze(1),
+            to_accumulation(self.Ds), to_accumulation(self.dt_projs_bias), delta_softplus=True,
         )
         return self.out_proj(self.out_norm(y.view(batch, dim, height, width).to(x.dtype)))
