@@ -287,3 +287,15 @@ def test_bad_configurations_are_clear_errors():
         tiny_model(depths=(1, 1, 1))
     with pytest.raises(ValueError, match="layer_scale_stages"):
         tiny_model(layer_scale_stages=(4,))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_count_scan_and_sampling_analytically():
+    from utils.flops import count_flops
+    model = tiny_model(dims=(16, 32), depths=(2, 1), mlp_ratios=(2, 2))
+    with_ops, without = count_flops(model, 64), count_flops(model, 64, custom_ops=False)
+    # per block: scan 3*C*L*N + 2.5*C*L with N = 1 (release convention), sampling 4 per output element
+    analytic = sum(depth * (5.5 + 4) * dim * (16 // 2 ** i) ** 2 for i, (depth, dim) in enumerate([(2, 16), (1, 32)]))
+    assert with_ops - without == pytest.approx(analytic / 1e9, rel=1e-9)
+

@@ -1,6 +1,6 @@
-"""Parameters and FLOPs of a DefMamba config, counted with fvcore (one multiply-add = one FLOP).
+"""Parameters and FLOPs of a DefMamba or DAMamba config, counted with fvcore (one multiply-add = one FLOP).
 
-    python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba]
+    python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba] [--no-custom-ops]
 
 What is counted (fvcore's rules for linear/conv/einsum/matmul, LayerNorm 5 per element, pooling and
 means 1 per input element) plus handles for the custom operations:
@@ -9,6 +9,12 @@ means 1 per input element) plus handles for the custom operations:
 - point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
 - offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
 - the sort and un-sort of the index offset, elementwise activations and gathers: 0.
+
+DAMamba goes through the same handles: its one raster scan per block (D = C, N = d_state = 1) is counted by
+the same conventions (release: 5.5*B*C*L per block), its dynamic adaptive sampling as the point offset
+(4 per output element, B*C*L per block). `--no-custom-ops` counts the scan and the sampling as 0, as the
+DAMamba release's published GFLOPs (torchprofile) do. Parameters are reported trainable, and in all
+(DAMamba's frozen conv_constant identity kernels are parameters: the release's counts include them).
 """
 from __future__ import annotations
 
