@@ -17,7 +17,8 @@ from models.damamba_layers import ResDWC
 from models.dassm import DASSM
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_KEYS = Path("/work/shared/spec/damamba_tiny_keys.json")
+# every state_dict key of the released DAMamba-T with its shape, in the release's order (from the spec)
+SPEC_KEYS = Path(__file__).resolve().parent / "data" / "damamba_tiny_keys.json"
 
 # spec damamba.md Sec. 1: all parameters (frozen conv_constant included), state_dict keys, MESA weight
 RELEASE = {"damamba_tiny": (25_440_302, 875, 1.0), "damamba_small": (44_992_564, 1403, 1.5),
