@@ -227,6 +227,13 @@ def _validate(config: CN) -> None:
         raise ConfigError(f"DATA.DATASET must be one of {', '.join(DATASETS)}, got {config.DATA.DATASET!r}")
     if config.MODEL.TYPE not in MODEL_TYPES:
         raise ConfigError(f"MODEL.TYPE must be one of {', '.join(MODEL_TYPES)}, got {config.MODEL.TYPE!r}")
+    if config.MODEL.TYPE == "damamba":
+        d = config.MODEL.DAMAMBA
+        if not len(d.DIMS) == len(d.DEPTHS) == len(d.MLP_RATIOS):
+            raise ConfigError(f"MODEL.DAMAMBA.DIMS, DEPTHS and MLP_RATIOS need one entry per stage, got "
+                              f"{list(d.DIMS)}, {list(d.DEPTHS)}, {list(d.MLP_RATIOS)}")
+        if d.HEAD_DIM < 1 or any(dim % d.HEAD_DIM for dim in d.DIMS):
+            raise ConfigError(f"MODEL.DAMAMBA.DIMS {list(d.DIMS)} must be multiples of HEAD_DIM ({d.HEAD_DIM})")
     if config.TRAIN.MESA < 0 or not 0 <= config.TRAIN.MESA_START <= 1:
         raise ConfigError(f"TRAIN.MESA must be >= 0 and TRAIN.MESA_START in [0, 1], got {config.TRAIN.MESA} and "
                           f"{config.TRAIN.MESA_START}")

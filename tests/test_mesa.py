@@ -88,6 +88,9 @@ def test_mesa_off_by_default_and_needs_the_ema():
         get_config(_args(cfg=str(REPO / "configs" / "damamba_tiny.yaml"), model_ema=False))
     with pytest.raises(ConfigError, match="TRAIN.MESA must be >= 0"):
         get_config(_args(opts=["TRAIN.MESA_START", "1.5"]))
+    with pytest.raises(ConfigError, match="must be multiples of HEAD_DIM"):
+        get_config(_args(cfg=str(REPO / "configs" / "damamba_tiny.yaml"),
+                         opts=["MODEL.DAMAMBA.DIMS", "[80, 150, 320, 512]"]))
 
 
 def _args(**kwargs):
@@ -130,8 +133,8 @@ PRINT_FREQ: 1
 """
 
 
-def test_resumed_damamba_run_distils_from_the_restored_ema(digits: Path, tmp_path: Path, monkeypatch,
-                                                         capsys: pytest.CaptureFixture):
+def test_resumed_damamba_run_distils_from_the_restored_ema_then_evaluates_and_times(
+        digits: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture):
     import main as trainer
 
     cfg = tmp_path / "tiny_damamba.yaml"
@@ -160,3 +163,10 @@ def test_resumed_damamba_run_distils_from_the_restored_ema(digits: Path, tmp_pat
     # the first teacher is the checkpoint's EMA, not its model weights
     assert all(torch.equal(teachers[0][k], v) for k, v in saved["model_ema"].items())
     assert not all(torch.equal(teachers[0][k], v) for k, v in saved["model"].items())
+
+    # evaluation and throughput of the same DAMamba through the same entry point
+    last = tmp_path / "out" / "tiny_damamba" / "default" / "ckpt_epoch_1.pth"
+    assert trainer.main(base + ["--resume", str(last), "--eval"]) == 0
+    assert re.search(r"eval EMA of .*: acc@1 [\d.]+", capsys.readouterr().out)
+    assert trainer.main(base + ["--throughput", "--batch-size", "2"]) == 0
+    assert "images/s" in capsys.readouterr().out
