@@ -112,10 +112,10 @@ def _resolve(device_type: str) -> str:
     key = (requested, chosen, device_type)
     if key not in _announced:
         _announced.add(key)
-        note = " (slow on a GPU: install triton or build kernels/selective_scan)" \
-            if chosen is Backend.TORCH and device_type == "cuda" else ""
-        _logger.info("selective scan on %s tensors: backend %s (requested %s)%s", device_type, chosen.value,
-                     requested.value, note)
+        slow = chosen is Backend.TORCH and device_type == "cuda"
+        _logger.log(logging.WARNING if slow else logging.INFO, "selective scan on %s tensors: backend %s "
+                    "(requested %s)%s", device_type, chosen.value, requested.value,
+                    " (slow on a GPU: install triton or build kernels/selective_scan)" if slow else "")
     return chosen.value
 
 
