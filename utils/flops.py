@@ -70,8 +70,7 @@ def _per_input_element(inputs: List[Any], outputs: List[Any]) -> float:
 def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     scan = _scan_handle(convention)
     return {
-        "prim::PythonOp._ReferenceScan": scan,
-        "prim::PythonOp.CudaScan": scan,
+        "defmamba::selective_scan": scan,  # the custom op of every scan backend (models/selective_scan_op.py)
         "prim::PythonOp.PointOffsetSample": _per_output_element(4),
         "prim::PythonOp.OffsetBias": _per_output_element(8),
         "prim::PythonOp.IndexOffsetSort": None,
