@@ -79,11 +79,6 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     }
 
 
-# the project's own operations (scan, sampling), which fvcore cannot see into
-_CUSTOM_OPS = ("prim::PythonOp._ReferenceScan", "prim::PythonOp.CudaScan", "prim::PythonOp.PointOffsetSample",
-               "prim::PythonOp.OffsetBias")
-
-
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     """Number of trainable parameters, or of all parameters (frozen ones too, e.g. DAMamba's conv_constant)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -106,7 +101,8 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3,
         x = torch.zeros(1, in_chans, img_size, img_size, device=device)
         handles = _handles(convention)
         if not custom_ops:
-            handles.update({name: None for name in _CUSTOM_OPS})
+            # the project's own operations (scan, sampling) count 0; fvcore's aten handles stay
+            handles = {name: (h if name.startswith("aten::") else None) for name, h in handles.items()}
         analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         with warnings.catch_warnings():
