@@ -25,7 +25,7 @@ from torch import Tensor
 from .backends import Backend, BackendUnavailable, get_backend, triton_interpreting
 from .bilinear import bilinear_sample_backward
 from .deformable_sequence_triton import (deformable_sequence_backward, deformable_sequence_forward,
-                                         triton_import_error)
+                                         kernels_interpreted, triton_import_error)
 from .index_offset import sort_tokens
 from .offset_bias import offset_bias, resize_matrix
 from .point_offset import sample_at_points
@@ -60,9 +60,9 @@ def choose_backend(x: Tensor) -> Backend:
         if triton_import_error() is not None:
             raise BackendUnavailable(f"DEFMAMBA_DEFORM_BACKEND=triton: Triton kernels unavailable "
                                      f"({triton_import_error()})")
-        if not x.is_cuda and not triton_interpreting():
+        if not x.is_cuda and not (triton_interpreting() and kernels_interpreted()):
             raise BackendUnavailable(f"DEFMAMBA_DEFORM_BACKEND=triton: {x.device.type} tensors need a CUDA device "
-                                     f"or TRITON_INTERPRET=1 set before triton is imported")
+                                     f"or TRITON_INTERPRET=1 set before the kernels are first used")
     return requested
 
 
@@ -86,7 +86,7 @@ def _sequence_op(x: Tensor, pos: Tensor, table: Optional[Tensor], disp: Optional
         perm = _order(path, batch, height * width, x.device)
         return deformable_sequence_forward(x, pos, table, disp, perm, out_dtype), perm
     seq, perm = deformable_sequence_reference(x, pos, table, disp, path)
-    return seq.to(out_dtype), perm.contiguous()
+    return seq.to(out_dtype).contiguous(), perm.contiguous()
 
 
 @_sequence_op.register_fake
@@ -132,7 +132,7 @@ def _sequence_backward_op(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[
     needs = (need_x, need_pos, need_table, need_disp, need_path)
     implementation = deformable_sequence_backward if backend == Backend.TRITON.value else _reference_backward
     grads = implementation(dseq, x, pos, table, disp, perm, *needs)
-    return tuple(dseq.new_empty(0) if grad is None else grad.reshape(t.shape).to(t.dtype)
+    return tuple(dseq.new_empty(0) if grad is None else grad.reshape(t.shape).to(t.dtype).contiguous()
                  for grad, t in zip(grads, (x, pos, table, disp, path)))
 
 
@@ -140,7 +140,8 @@ def _sequence_backward_op(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[
 def _sequence_backward_fake(dseq, x, pos, table, disp, path, perm, need_x, need_pos, need_table, need_disp,
                             need_path, backend):
     needs = (need_x, need_pos, need_table, need_disp, need_path)
-    return tuple(torch.empty_like(t) if need and t is not None else dseq.new_empty(0)
+    # contiguous whatever the inputs' strides, like the real implementations
+    return tuple(t.new_empty(t.shape) if need and t is not None else dseq.new_empty(0)
                  for t, need in zip((x, pos, table, disp, path), needs))
 
 
@@ -198,6 +199,8 @@ def deformable_sequence(x: Tensor, pos: Tensor, table: Optional[Tensor] = None, 
         seq (B, C, H*W) and perm (B, H*W) int64, seq[:, :, n] = features[:, :, perm[:, n]].
     """
     _check_inputs(x, pos, table, disp, path)
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point dtype; got {out_dtype}")
     acc = _acc_dtype(x, pos, table, disp)
     backend = choose_backend(x)
     return torch.ops.defmamba.deformable_sequence(x, pos, table, disp, path, out_dtype or acc, backend.value)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .offset_bias import resize_matrix
 
-__all__ = ["triton_available", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
+__all__ = ["kernels_interpreted", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
 
 BLOCK_C = 32
 BLOCK_N = 64
@@ -32,8 +32,10 @@ def triton_import_error() -> Optional[str]:
     return None
 
 
-def triton_available() -> bool:
-    return triton_import_error() is None
+def kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (decided when their module is first imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels().deformable_sequence_fwd_kernel, InterpretedFunction)
 
 
 def _kernels():

@@ -1,16 +1,22 @@
 """Shared fixtures for the trainer tests: a tiny ImageFolder of real MNIST digits and a tiny DefMamba config."""
 from __future__ import annotations
 
-import gzip
 import os
-import subprocess
-import sys
-from pathlib import Path
-from typing import Dict, List, Optional
 
-import numpy as np
-import pytest
-from PIL import Image
+# Triton decides at import time whether its @jit functions (its own library included) are interpreted, and
+# the imports below pull triton in (through timm): select the CPU interpreter first, so the Triton kernel
+# tests can run CPU tensors through it.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import gzip  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List, Optional  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

@@ -103,19 +103,19 @@ def deformable_sequence_fwd_kernel(
 
 
 @triton.jit
-def _adjoint(base, dbase, grad, i00, i01, i10, i11, w00, w01, w10, w11,
-             dy00, dy01, dy10, dy11, dx00, dx01, dx10, dx11, mask,
-             NEED_SRC: tl.constexpr, NEED_POS: tl.constexpr, ACC: tl.constexpr):
+def _adjoint(base, dbase, grad, i00, i01, i10, i11, w00, w01, w10, w11, mask,
+             NEED_SRC: tl.constexpr, NEED_POS: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scatter grad * weight into the source gradient; return this tile's contribution to d y_pixel, d x_pixel."""
     if NEED_SRC:
         tl.atomic_add(dbase + i00[None, :], grad * w00[None, :], mask=mask)
         tl.atomic_add(dbase + i01[None, :], grad * w01[None, :], mask=mask)
         tl.atomic_add(dbase + i10[None, :], grad * w10[None, :], mask=mask)
         tl.atomic_add(dbase + i11[None, :], grad * w11[None, :], mask=mask)
-    gv00 = tl.zeros_like(w00)
-    gv01 = tl.zeros_like(w00)
-    gv10 = tl.zeros_like(w00)
-    gv11 = tl.zeros_like(w00)
+    # tl.full, not tl.zeros: the library's @jit helpers fail in the interpreter when triton was imported first
+    gv00 = tl.full([BLOCK_N], 0.0, ACC)
+    gv01 = tl.full([BLOCK_N], 0.0, ACC)
+    gv10 = tl.full([BLOCK_N], 0.0, ACC)
+    gv11 = tl.full([BLOCK_N], 0.0, ACC)
     if NEED_POS:
         gv00 = tl.sum(grad * tl.load(base + i00[None, :], mask=mask, other=0.0).to(ACC), 0)
         gv01 = tl.sum(grad * tl.load(base + i01[None, :], mask=mask, other=0.0).to(ACC), 0)
@@ -156,23 +156,22 @@ def deformable_sequence_bwd_kernel(
         (j00, j01, j10, j11, u00, u01, u10, u11,
          ey00, ey01, ey10, ey11, ex00, ex01, ex10, ex11) = _stencil(disp_ptr, row, smask, height, width,
                                                                      scale_y, scale_x, ACC)
-    gx00 = tl.zeros_like(w00)
-    gx01 = tl.zeros_like(w00)
-    gx10 = tl.zeros_like(w00)
-    gx11 = tl.zeros_like(w00)
-    gt00 = tl.zeros_like(w00)
-    gt01 = tl.zeros_like(w00)
-    gt10 = tl.zeros_like(w00)
-    gt11 = tl.zeros_like(w00)
-    gsum = tl.zeros_like(w00)
+    gx00 = tl.full([BLOCK_N], 0.0, ACC)
+    gx01 = tl.full([BLOCK_N], 0.0, ACC)
+    gx10 = tl.full([BLOCK_N], 0.0, ACC)
+    gx11 = tl.full([BLOCK_N], 0.0, ACC)
+    gt00 = tl.full([BLOCK_N], 0.0, ACC)
+    gt01 = tl.full([BLOCK_N], 0.0, ACC)
+    gt10 = tl.full([BLOCK_N], 0.0, ACC)
+    gt11 = tl.full([BLOCK_N], 0.0, ACC)
+    gsum = tl.full([BLOCK_N], 0.0, ACC)
     for c0 in range(0, channels, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         mask = (ch < channels)[:, None] & smask[None, :]
         rows = (b * channels + ch[:, None]) * length
         grad = tl.load(dseq_ptr + rows + slots[None, :], mask=mask, other=0.0).to(ACC)
         a00, a01, a10, a11 = _adjoint(x_ptr + rows, dx_ptr + rows, grad, i00, i01, i10, i11,
-                                      w00, w01, w10, w11, dy00, dy01, dy10, dy11, dx00, dx01, dx10, dx11,
-                                      mask, NEED_X, NEED_POS, ACC)
+                                      w00, w01, w10, w11, mask, NEED_X, NEED_POS, ACC, BLOCK_N)
         gx00 += a00
         gx01 += a01
         gx10 += a10
@@ -180,8 +179,7 @@ def deformable_sequence_bwd_kernel(
         if HAS_TABLE:
             trows = ch[:, None] * length
             t00, t01, t10, t11 = _adjoint(table_ptr + trows, dtable_ptr + trows, grad, j00, j01, j10, j11,
-                                          u00, u01, u10, u11, ey00, ey01, ey10, ey11, ex00, ex01, ex10, ex11,
-                                          mask, NEED_TABLE, NEED_DISP, ACC)
+                                          u00, u01, u10, u11, mask, NEED_TABLE, NEED_DISP, ACC, BLOCK_N)
             gt00 += t00
             gt01 += t01
             gt10 += t10
