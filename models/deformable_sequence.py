@@ -78,14 +78,20 @@ def _order(path: Optional[Tensor], batch: int, length: int, device: torch.device
     return torch.argsort(path, dim=-1, stable=True)
 
 
+def _no_autocast(x: Tensor) -> torch.autocast:
+    """The ops run their own precision (fp32 / fp64 sums): autocast must not turn the table resize into bf16."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 @torch.library.custom_op("defmamba::deformable_sequence", mutates_args=())
 def _sequence_op(x: Tensor, pos: Tensor, table: Optional[Tensor], disp: Optional[Tensor], path: Optional[Tensor],
                  out_dtype: torch.dtype, backend: str) -> Tuple[Tensor, Tensor]:
     batch, _, height, width = x.shape
-    if backend == Backend.TRITON.value:
-        perm = _order(path, batch, height * width, x.device)
-        return deformable_sequence_forward(x, pos, table, disp, perm, out_dtype), perm
-    seq, perm = deformable_sequence_reference(x, pos, table, disp, path)
+    with _no_autocast(x):
+        if backend == Backend.TRITON.value:
+            perm = _order(path, batch, height * width, x.device)
+            return deformable_sequence_forward(x, pos, table, disp, perm, out_dtype), perm
+        seq, perm = deformable_sequence_reference(x, pos, table, disp, path)
     return seq.to(out_dtype).contiguous(), perm.contiguous()
 
 
@@ -131,7 +137,8 @@ def _sequence_backward_op(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[
     """(dx, dpos, dtable, ddisp, dpath); a gradient that is not needed comes back as an empty tensor."""
     needs = (need_x, need_pos, need_table, need_disp, need_path)
     implementation = deformable_sequence_backward if backend == Backend.TRITON.value else _reference_backward
-    grads = implementation(dseq, x, pos, table, disp, perm, *needs)
+    with _no_autocast(x):
+        grads = implementation(dseq, x, pos, table, disp, perm, *needs)
     return tuple(dseq.new_empty(0) if grad is None else grad.reshape(t.shape).to(t.dtype).contiguous()
                  for grad, t in zip(grads, (x, pos, table, disp, path)))
 

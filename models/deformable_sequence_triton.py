@@ -9,7 +9,7 @@ that make the index-offset surrogate. Autograd and the backend choice live in de
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,14 +22,18 @@ BLOCK_C = 32
 BLOCK_N = 64
 
 
-@functools.lru_cache(maxsize=None)
+_import_checked: Dict[str, Optional[str]] = {}  # a plain dict, not lru_cache, so torch.compile traces the lookup
+
+
 def triton_import_error() -> Optional[str]:
     """None when the Triton kernels import, else the reason in one line."""
-    try:
-        import kernels.triton.deformable  # noqa: F401
-    except Exception as err:  # ImportError, or a broken Triton install
-        return f"{type(err).__name__}: {err}".splitlines()[0]
-    return None
+    if "error" not in _import_checked:
+        try:
+            import kernels.triton.deformable  # noqa: F401
+            _import_checked["error"] = None
+        except Exception as err:  # ImportError, or a broken Triton install
+            _import_checked["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
+    return _import_checked["error"]
 
 
 def kernels_interpreted() -> bool:

@@ -220,3 +220,19 @@ def test_tiny_defmamba_triton_backends_match_torch(forced):
         assert want_grads[f"layers.0.blocks.0.op.{part}"].abs().sum() > 0, f"no gradient reaches {part}"
     for name, want in want_grads.items():
         torch.testing.assert_close(got_grads[name], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deformable_scan_writes_the_sequence_in_the_scan_dtype(backend):
+    from models.deformable_scan import DeformableScan
+    torch.manual_seed(0)
+    layer = DeformableScan(4, 3)
+    x = torch.randn(2, 4, 5, 7).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with use_backend("deform", backend):
+            seq, perm = layer(x, out_dtype=torch.bfloat16)
+        with use_backend("deform", "torch"):
+            want, want_perm = layer(x)
+    assert seq.dtype == torch.bfloat16 and want.dtype == torch.float32
+    torch.testing.assert_close(perm, want_perm)
+    torch.testing.assert_close(seq, want.bfloat16(), rtol=8e-3, atol=1e-5)
