@@ -29,7 +29,7 @@ from .deformable_sequence_triton import (deformable_sequence_backward, deformabl
 from .index_offset import sort_tokens
 from .offset_bias import offset_bias, resize_matrix
 from .point_offset import sample_at_points
-from .precision import accumulation_dtype, to_accumulation
+from .precision import accumulation_dtype, common_accumulation_dtype, to_accumulation
 
 __all__ = ["deformable_sequence", "deformable_sequence_reference", "choose_backend"]
 
@@ -64,12 +64,6 @@ def choose_backend(x: Tensor) -> Backend:
             raise BackendUnavailable(f"DEFMAMBA_DEFORM_BACKEND=triton: {x.device.type} tensors need a CUDA device "
                                      f"or TRITON_INTERPRET=1 set before the kernels are first used")
     return requested
-
-
-def _acc_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """Result dtype of the reference: fp64 when any input is fp64, else fp32."""
-    dtypes = [accumulation_dtype(t.dtype) for t in tensors if t is not None]
-    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _order(path: Optional[Tensor], batch: int, length: int, device: torch.device) -> Tensor:
@@ -110,7 +104,7 @@ def _reference_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[Te
     (A custom op's implementation runs below autograd, so it cannot differentiate the Functions themselves;
     the tests check this adjoint against them.)
     """
-    batch, channels, height, width = x.shape
+    batch, _, height, width = x.shape
     dseq = to_accumulation(dseq)
     # IndexOffsetSort: exact scatter back to token order, channel-averaged surrogate for the path
     dfeat = torch.empty_like(dseq).scatter_(2, perm.unsqueeze(1).expand_as(dseq), dseq)
@@ -208,6 +202,6 @@ def deformable_sequence(x: Tensor, pos: Tensor, table: Optional[Tensor] = None, 
     _check_inputs(x, pos, table, disp, path)
     if out_dtype is not None and not out_dtype.is_floating_point:
         raise ValueError(f"out_dtype must be a floating-point dtype; got {out_dtype}")
-    acc = _acc_dtype(x, pos, table, disp)
+    acc = common_accumulation_dtype(x, pos, table, disp)
     backend = choose_backend(x)
     return torch.ops.defmamba.deformable_sequence(x, pos, table, disp, path, out_dtype or acc, backend.value)

@@ -15,12 +15,13 @@ import torch
 from torch import Tensor
 
 from .offset_bias import resize_matrix
+from .precision import common_accumulation_dtype
 
 __all__ = ["kernels_interpreted", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
 
+# a program owns 64 sequence slots (so per-token sums need no atomics) and loops over channels 32 at a time
 BLOCK_C = 32
 BLOCK_N = 64
-
 
 _import_checked: Dict[str, Optional[str]] = {}  # a plain dict, not lru_cache, so torch.compile traces the lookup
 
@@ -36,20 +37,15 @@ def triton_import_error() -> Optional[str]:
     return _import_checked["error"]
 
 
-def kernels_interpreted() -> bool:
-    """Whether the kernels were defined under TRITON_INTERPRET=1 (decided when their module is first imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kernels().deformable_sequence_fwd_kernel, InterpretedFunction)
-
-
 def _kernels():
     from kernels.triton import deformable
     return deformable
 
 
-def _acc_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
-    """fp64 when any input is fp64 (as torch's type promotion makes the reference), else fp32."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+def kernels_interpreted() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (decided when their module is first imported)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_kernels().deformable_sequence_fwd_kernel, InterpretedFunction)
 
 
 def _resize_maps(table: Tensor, height: int, width: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
@@ -74,7 +70,7 @@ def deformable_sequence_forward(x: Tensor, pos: Tensor, table: Optional[Tensor],
                                 perm: Tensor, out_dtype: torch.dtype) -> Tensor:
     """seq (B, C, H*W) in out_dtype; perm (B, H*W) is the token order (see kernels/triton/deformable.py)."""
     batch, channels, height, width = x.shape
-    acc = _acc_dtype(x, pos, table, disp)
+    acc = common_accumulation_dtype(x, pos, table, disp)
     resized = None
     if table is not None:
         ry, rx = _resize_maps(table, height, width, acc)
@@ -95,7 +91,7 @@ def deformable_sequence_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Op
     """(dx, dpos, dtable, ddisp, dpath) in the accumulation dtype (dpos, ddisp as (B, N, 2)); None where not needed."""
     batch, channels, height, width = x.shape
     length = height * width
-    acc = _acc_dtype(x, pos, table, disp)
+    acc = common_accumulation_dtype(x, pos, table, disp)
     has_table = table is not None
     need_table, need_disp = need_table and has_table, need_disp and has_table
     new = functools.partial(torch.zeros, dtype=acc, device=x.device)
