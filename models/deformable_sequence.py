@@ -133,7 +133,8 @@ def _sequence_backward_op(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[
     implementation = deformable_sequence_backward if backend == Backend.TRITON.value else _reference_backward
     with _no_autocast(x):
         grads = implementation(dseq, x, pos, table, disp, perm, *needs)
-    return tuple(dseq.new_empty(0) if grad is None else grad.reshape(t.shape).to(t.dtype).contiguous()
+    return tuple(dseq.new_empty(0) if grad is None
+                 else grad.reshape(t.shape).to(dtype=t.dtype, memory_format=torch.contiguous_format)
                  for grad, t in zip(grads, (x, pos, table, disp, path)))
 
 

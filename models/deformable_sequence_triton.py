@@ -53,12 +53,19 @@ def _resize_maps(table: Tensor, height: int, width: int, dtype: torch.dtype) -> 
             resize_matrix(width, table.shape[-1], dtype, table.device))
 
 
-def _launch_args(x: Tensor) -> Tuple[Tuple[int, int], Tuple[int, int, int, float, float]]:
-    """Grid (batch, slot tiles) and the size arguments shared by both kernels."""
+def _dense(x: Tensor) -> Tensor:
+    """x as is when contiguous or channels-last (the DSSM's conv output on GPUs), else a contiguous copy."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+def _launch_args(x: Tensor) -> Tuple[Tuple[int, int], Tuple]:
+    """Grid (batch, slot tiles) and the size and stride arguments shared by both kernels."""
     batch, channels, height, width = x.shape
     grid = (batch, -(-(height * width) // BLOCK_N))
     # pixel <- normalised coordinate scale of the align-corners convention
-    return grid, (channels, height, width, 0.5 * (height - 1), 0.5 * (width - 1))
+    return grid, (channels, height, width, 0.5 * (height - 1), 0.5 * (width - 1), *x.stride())
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -76,9 +83,10 @@ def deformable_sequence_forward(x: Tensor, pos: Tensor, table: Optional[Tensor],
         ry, rx = _resize_maps(table, height, width, acc)
         resized = (ry @ table.to(acc) @ rx.t()).contiguous()
     seq = torch.empty(batch, channels, height * width, dtype=out_dtype, device=x.device)
+    x = _dense(x)
     grid, sizes = _launch_args(x)
     _kernels().deformable_sequence_fwd_kernel[grid](
-        x.contiguous(), pos.contiguous(), resized, None if disp is None else disp.contiguous(),
+        x, pos.contiguous(), resized, None if disp is None else disp.contiguous(),
         perm.contiguous(), seq, *sizes,
         HAS_TABLE=table is not None, ACC=_tl_dtype(acc), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N)
     return seq
@@ -99,7 +107,8 @@ def deformable_sequence_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Op
     if has_table:
         ry, rx = _resize_maps(table, height, width, acc)
         resized = (ry @ table.to(acc) @ rx.t()).contiguous()
-    dx = new(batch, channels, height, width) if need_x else None
+    x = _dense(x)
+    dx = torch.zeros_like(x, dtype=acc) if need_x else None  # same strides as x
     dpos = new(batch, length, 2) if need_pos else None
     dres = new(channels, height, width) if need_table else None
     ddisp = new(batch, length, 2) if need_disp else None
@@ -107,7 +116,7 @@ def deformable_sequence_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Op
     mean_token = new(batch, length) if need_path else None
     grid, sizes = _launch_args(x)
     _kernels().deformable_sequence_bwd_kernel[grid](
-        dseq.contiguous(), x.contiguous(), pos.contiguous(), resized,
+        dseq.contiguous(), x, pos.contiguous(), resized,
         None if disp is None else disp.contiguous(), perm.contiguous(),
         dx, dpos, dres, ddisp, mean_slot, mean_token, *sizes,
         HAS_TABLE=has_table, NEED_X=need_x, NEED_POS=need_pos, NEED_TABLE=need_table, NEED_DISP=need_disp,

@@ -22,7 +22,7 @@ BACKENDS = ("torch", "triton")
 
 
 def make_inputs(batch, channels, height, width, dtype=torch.float32, x_dtype=None, table=True, path=True,
-                table_size=(7, 7), seed=0):
+                table_size=(7, 7), layout="contiguous", seed=0):
     """Random features, points partly outside the image (|pos| up to 1.3), displacements, table and path."""
     gen = torch.Generator().manual_seed(seed)
 
@@ -32,6 +32,10 @@ def make_inputs(batch, channels, height, width, dtype=torch.float32, x_dtype=Non
         return t.to(dtype)
 
     x = rand(batch, channels, height, width).to(x_dtype or dtype)
+    if layout == "channels_last":  # the DSSM's conv output on GPUs: read in place
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "sliced":  # neither layout: copied before the launch
+        x = torch.cat([x, x], 1)[:, ::2]
     pos = rand(batch, height, width, 2, spread=1.3)
     tab = rand(channels, *table_size) if table else None
     disp = rand(batch, height, width, 2, spread=1.1) if table else None
@@ -59,6 +63,8 @@ CASES = {  # batch, channels, height, width, options
     "no-table-no-path": (1, 3, 5, 7, {"table": False, "path": False}),
     "table-raster-order": (3, 3, 7, 5, {"path": False}),
     "no-table-sorted": (1, 3, 5, 5, {"table": False}),
+    "channels-last": (3, 6, 5, 7, {"layout": "channels_last"}),
+    "sliced-features": (1, 3, 7, 5, {"layout": "sliced"}),
 }
 
 

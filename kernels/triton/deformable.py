@@ -46,15 +46,16 @@ def _axis(p, size, scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stencil(ptr, row, smask, height, width, scale_y, scale_x, ACC: tl.constexpr):
-    """Neighbour indices into H*W, weights and weight derivatives for points ptr[row] = (y, x)."""
+def _stencil(ptr, row, smask, height, width, scale_y, scale_x, stride_h, stride_w, ACC: tl.constexpr):
+    """Neighbour offsets (y * stride_h + x * stride_w), weights and weight derivatives for points ptr[row] = (y, x)."""
     py = tl.load(ptr + row * 2, mask=smask, other=0.0)
     px = tl.load(ptr + row * 2 + 1, mask=smask, other=0.0)
     fy, vy0, vy1, y0, y1 = _axis(py, height, scale_y, ACC)
     fx, vx0, vx1, x0, x1 = _axis(px, width, scale_x, ACC)
     gy, gx = 1 - fy, 1 - fx
     v00, v01, v10, v11 = vy0 * vx0, vy0 * vx1, vy1 * vx0, vy1 * vx1
-    i00, i01, i10, i11 = y0 * width + x0, y0 * width + x1, y1 * width + x0, y1 * width + x1
+    y0, y1, x0, x1 = y0 * stride_h, y1 * stride_h, x0 * stride_w, x1 * stride_w
+    i00, i01, i10, i11 = y0 + x0, y0 + x1, y1 + x0, y1 + x1
     w00, w01, w10, w11 = gy * gx * v00, gy * fx * v01, fy * gx * v10, fy * fx * v11
     # d weight / d y_pixel and d x_pixel (signs: lower neighbour -1, upper +1)
     dy00, dy01, dy10, dy11 = -gx * v00, -fx * v01, gx * v10, fx * v11
@@ -76,9 +77,10 @@ def _sample(base, i00, i01, i10, i11, w00, w01, w10, w11, mask, ACC: tl.constexp
 @triton.jit
 def deformable_sequence_fwd_kernel(
         x_ptr, pos_ptr, table_ptr, disp_ptr, perm_ptr, seq_ptr,
-        channels, height, width, scale_y, scale_x,
+        channels, height, width, scale_y, scale_x, stride_b, stride_c, stride_h, stride_w,
         HAS_TABLE: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """x (B, C, H*W), pos/disp (B, N, 2), table (C, H*W) resized, perm (B, N) -> seq (B, C, N); all contiguous."""
+    """x (B, C, H, W) with the given strides; pos/disp (B, N, 2), table (C, H*W) resized, perm (B, N) and
+    seq (B, C, N) contiguous."""
     b = tl.program_id(0).to(tl.int64)
     length = height * width
     slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,14 +88,16 @@ def deformable_sequence_fwd_kernel(
     token = tl.load(perm_ptr + b * length + slots, mask=smask, other=0)
     row = b * length + token
     (i00, i01, i10, i11, w00, w01, w10, w11,
-     _a, _b, _c, _d, _e, _f, _g, _h) = _stencil(pos_ptr, row, smask, height, width, scale_y, scale_x, ACC)
+     _a, _b, _c, _d, _e, _f, _g, _h) = _stencil(pos_ptr, row, smask, height, width, scale_y, scale_x,
+                                                stride_h, stride_w, ACC)
     if HAS_TABLE:
         (j00, j01, j10, j11, u00, u01, u10, u11,
-         _a, _b, _c, _d, _e, _f, _g, _h) = _stencil(disp_ptr, row, smask, height, width, scale_y, scale_x, ACC)
+         _a, _b, _c, _d, _e, _f, _g, _h) = _stencil(disp_ptr, row, smask, height, width, scale_y, scale_x,
+                                                width, 1, ACC)
     for c0 in range(0, channels, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         mask = (ch < channels)[:, None] & smask[None, :]
-        value = _sample(x_ptr + (b * channels + ch[:, None]) * length, i00, i01, i10, i11,
+        value = _sample(x_ptr + b * stride_b + ch[:, None] * stride_c, i00, i01, i10, i11,
                         w00, w01, w10, w11, mask, ACC)
         if HAS_TABLE:
             value += _sample(table_ptr + ch[:, None] * length, j00, j01, j10, j11,
@@ -138,11 +142,11 @@ def _store_point_grad(dptr, row, smask, gv00, gv01, gv10, gv11,
 def deformable_sequence_bwd_kernel(
         dseq_ptr, x_ptr, pos_ptr, table_ptr, disp_ptr, perm_ptr,
         dx_ptr, dpos_ptr, dtable_ptr, ddisp_ptr, mean_slot_ptr, mean_token_ptr,
-        channels, height, width, scale_y, scale_x,
+        channels, height, width, scale_y, scale_x, stride_b, stride_c, stride_h, stride_w,
         HAS_TABLE: tl.constexpr, NEED_X: tl.constexpr, NEED_POS: tl.constexpr, NEED_TABLE: tl.constexpr,
         NEED_DISP: tl.constexpr, NEED_PATH: tl.constexpr, ACC: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Adjoint of the forward kernel; dx (B, C, H*W) and dtable (C, H*W) must be zero-filled ACC buffers."""
+    """Adjoint of the forward kernel; dx (x's strides) and dtable (C, H*W) must be zero-filled ACC buffers."""
     b = tl.program_id(0).to(tl.int64)
     length = height * width
     slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -151,11 +155,11 @@ def deformable_sequence_bwd_kernel(
     row = b * length + token
     (i00, i01, i10, i11, w00, w01, w10, w11,
      dy00, dy01, dy10, dy11, dx00, dx01, dx10, dx11) = _stencil(pos_ptr, row, smask, height, width,
-                                                                 scale_y, scale_x, ACC)
+                                                                 scale_y, scale_x, stride_h, stride_w, ACC)
     if HAS_TABLE:
         (j00, j01, j10, j11, u00, u01, u10, u11,
          ey00, ey01, ey10, ey11, ex00, ex01, ex10, ex11) = _stencil(disp_ptr, row, smask, height, width,
-                                                                     scale_y, scale_x, ACC)
+                                                                     scale_y, scale_x, width, 1, ACC)
     gx00 = tl.full([BLOCK_N], 0.0, ACC)
     gx01 = tl.full([BLOCK_N], 0.0, ACC)
     gx10 = tl.full([BLOCK_N], 0.0, ACC)
@@ -168,8 +172,9 @@ def deformable_sequence_bwd_kernel(
     for c0 in range(0, channels, BLOCK_C):
         ch = c0 + tl.arange(0, BLOCK_C)
         mask = (ch < channels)[:, None] & smask[None, :]
-        rows = (b * channels + ch[:, None]) * length
-        grad = tl.load(dseq_ptr + rows + slots[None, :], mask=mask, other=0.0).to(ACC)
+        grad = tl.load(dseq_ptr + (b * channels + ch[:, None]) * length + slots[None, :], mask=mask,
+                       other=0.0).to(ACC)
+        rows = b * stride_b + ch[:, None] * stride_c  # x and dx share strides
         a00, a01, a10, a11 = _adjoint(x_ptr + rows, dx_ptr + rows, grad, i00, i01, i10, i11,
                                       w00, w01, w10, w11, mask, NEED_X, NEED_POS, ACC, BLOCK_N)
         gx00 += a00
