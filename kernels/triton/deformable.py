@@ -7,14 +7,16 @@ For batch b, sequence slot n and channel c, with token t = perm[b, n]:
 `sample` is bilinear with the conventions of models/bilinear.py: normalised (y, x) coordinates,
 align-corners (-1 / +1 are the centres of the first / last pixel), zeros outside the image; a non-finite
 coordinate reads the clamped neighbour with a NaN weight so NaN reaches the loss. `table` is the offset-bias
-table already resized to the feature resolution (a fixed linear map applied on the host). All arithmetic is
-in ACC (fp32, or fp64 for fp64 callers); `seq` is stored in its own dtype (the one the scan reads).
+table already resized to the feature resolution (a fixed linear map applied on the host); x is read through
+its strides (contiguous or channels-last), dx shares them. All arithmetic is in ACC (fp32, or fp64 for fp64
+callers); `seq` is stored in its own dtype (the one the scan reads).
 
 The backward kernel runs over the same (batch, slot) tiles, loops over channels and produces
 
     dx      scattered with atomics (4 neighbours per slot; summation order is not fixed on a GPU)
     dtable  gradient of the resized table, scattered with atomics, summed over the batch
-    dpos, ddisp   channel-summed products of the gradient and the neighbour values (one program per token: no atomics)
+    dpos, ddisp   channel-summed products of the gradient and the neighbour values (a program owns its tokens:
+                  plain stores)
     mean    mean_c dseq[b, :, n], stored at slot n and at token perm[b, n]; the host forms the index-offset
             surrogate dpath = mean_at_slot - mean_at_token (see models/index_offset.py)
 
