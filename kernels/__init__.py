@@ -1,0 +1,1 @@
+"""Custom kernels of DefMamba: the CUDA selective-scan extension and Triton kernels."""

@@ -13,7 +13,7 @@ which leaves the scan order among the ties arbitrary.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +69,8 @@ class DeformableScan(nn.Module):
         self.conv_offset = OffsetNetwork(dim, kernel_size)
         trunc_normal_(self.rpe_table, std=0.01)
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, out_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+        """(seq, perm); seq in out_dtype (e.g. the dtype the scan reads), None: fp32 (fp64 for fp64 x)."""
         batch, _, height, width = x.shape
         raw = self.conv_offset(x).float()
         point_offset = torch.tanh(raw[:, :2]).permute(0, 2, 3, 1)
@@ -77,4 +78,4 @@ class DeformableScan(nn.Module):
         pos = reference_points(height, width, x.device) + point_offset               # (B, H, W, 2)
         path = path_reference(height * width, x.device) + torch.tanh(raw[:, 2]).flatten(1)
         disp = (key_points(height, width, x.device) - pos) * 0.5
-        return deformable_sequence(x, pos, self.rpe_table, disp, path)
+        return deformable_sequence(x, pos, self.rpe_table, disp, path, out_dtype=out_dtype)

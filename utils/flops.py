@@ -8,6 +8,7 @@ means 1 per input element) plus handles for the custom operations:
   3*B*D*L*N + 2.5*B*D*L with D = 3 * d_inner (the three branches); convention `vmamba`: 9*B*L*D*N + B*D*L.
 - point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
 - offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
+- the fused deformable sequence (custom op defmamba::deformable_sequence): the sum of the two above;
 - the sort and un-sort of the index offset, elementwise activations and gathers: 0.
 
 DAMamba goes through the same handles: its one raster scan per block (D = C, N = d_state = 1) is counted by
@@ -67,6 +68,15 @@ def _per_input_element(inputs: List[Any], outputs: List[Any]) -> float:
     return count
 
 
+def _deformable_sequence(inputs: List[Any], outputs: List[Any]) -> float:
+    """defmamba::deformable_sequence: point offset (4) plus, with a table, offset bias (8) per output element."""
+    count = 1
+    for size in _shape(outputs[0]):
+        count *= size
+    has_table = inputs[2].type().kind() != "NoneType"
+    return (4 + (8 if has_table else 0)) * count
+
+
 def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     scan = _scan_handle(convention)
     return {
@@ -75,6 +85,7 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
         "prim::PythonOp.OffsetBias": _per_output_element(8),
         "prim::PythonOp.IndexOffsetSort": None,
         "prim::PythonOp.TokenUnsort": None,
+        "defmamba::deformable_sequence": _deformable_sequence,
         "aten::mean": _per_input_element,
     }
 
