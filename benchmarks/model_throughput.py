@@ -8,14 +8,15 @@ Measured the way the official figures were (one H100, batch 128, 224 px, one pro
     timing      warm-up steps, then the median of the timed steps (CUDA events around each step)
     memory      torch.cuda.max_memory_allocated over the training steps
 
-Each combination of --scan-backend and --deform-backend is forced through models.backends.use_backend; one
-that raises BackendUnavailable is reported and skipped. --profile N adds a torch.profiler table of the N
-kernels with the most CUDA time in one training step. The official figures and issue #8's targets are
-printed next to each measurement (they only compare at batch 128, 224 px, fp16 AMP on an H100).
+Each combination of --scan-backend and --deform-backend (or each pair of --configs) is forced through
+models.backends.use_backend; one that raises BackendUnavailable is reported and skipped. --profile N adds
+a torch.profiler table of the N kernels with the most CUDA time in one training step. The official figures
+and issue #8's targets are printed next to each measurement (they only compare at batch 128, 224 px, fp16
+AMP on an H100).
 
     python benchmarks/model_throughput.py                                    # T and S, auto backends
     python benchmarks/model_throughput.py --model tiny --scan-backend all --deform-backend all --profile 25
-    python benchmarks/model_throughput.py --json throughput.json             # what benchmarks/gpu_suite.sh runs
+    python benchmarks/model_throughput.py --configs auto:auto,cuda:torch --json throughput.json
     python benchmarks/model_throughput.py --device cpu --model tiny --batch-size 2 --img-size 32 \\
         --amp-dtype bf16 --warmup 0 --steps 1                                # smoke run, no meaningful timing
 """
@@ -165,6 +166,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="all, or a comma list of " + ", ".join(SCAN_BACKENDS) + " (default auto)")
     parser.add_argument("--deform-backend", default="auto",
                         help="all, or a comma list of " + ", ".join(DEFORM_BACKENDS) + " (default auto)")
+    parser.add_argument("--configs", metavar="SCAN:DEFORM,...",
+                        help="explicit backend pairs, e.g. auto:auto,cuda:torch (instead of the product of "
+                             "--scan-backend and --deform-backend)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default="fp16")
@@ -183,11 +187,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--model: unknown {', '.join(bad) or repr(args.model)}; expected all or a comma list of "
                      f"{', '.join(VARIANTS)}")
     args.models = names
-    for opt, allowed in (("scan_backend", SCAN_BACKENDS), ("deform_backend", DEFORM_BACKENDS)):
-        try:
-            setattr(args, opt + "s", common.parse_backends(getattr(args, opt), allowed))
-        except ValueError as err:
-            parser.error(f"--{opt.replace('_', '-')}: {err}")
+    try:
+        if args.configs:
+            option, args.pairs = "--configs", []
+            for item in args.configs.split(","):
+                scan, sep, deform = item.strip().partition(":")
+                if not sep:
+                    raise ValueError(f"{item!r} is not SCAN:DEFORM")
+                args.pairs.append((common.parse_backends(scan, SCAN_BACKENDS)[0],
+                                   common.parse_backends(deform, DEFORM_BACKENDS)[0]))
+        else:
+            option = "--scan-backend"
+            scans = common.parse_backends(args.scan_backend, SCAN_BACKENDS)
+            option = "--deform-backend"
+            deforms = common.parse_backends(args.deform_backend, DEFORM_BACKENDS)
+            args.pairs = [(s, d) for s in scans for d in deforms]
+    except ValueError as err:
+        parser.error(f"{option}: {err}")
     if args.batch_size < 1 or args.img_size < 32 or args.warmup < 0 or args.steps < 1 or args.profile < 0:
         parser.error("need --batch-size >= 1, --img-size >= 32, --warmup >= 0, --steps >= 1, --profile >= 0")
     return args
@@ -208,38 +224,43 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"batch {args.batch_size}, {args.img_size} px, {args.amp_dtype} AMP", flush=True)
 
     results: List[Dict[str, Any]] = []
-    for variant in args.models:
-        for scan in args.scan_backends:
-            for deform in args.deform_backends:
-                row: Dict[str, Any] = {"model": variant, "scan_backend": scan.value, "deform_backend": deform.value}
-                ignored = [op for op, b in (("scan", scan), ("deform", deform))
-                           if b != Backend.AUTO and honoured[op] is False]
-                if ignored:
-                    row["status"] = (f"not timed: models ignore a forced {' and '.join(ignored)} backend "
-                                     "(front end predates the switch)")
-                elif scan == Backend.CUDA and not env["scan_cuda_extension"]:
-                    row["status"] = "unavailable: defmamba_scan_cuda is not built"
-                else:
-                    try:
-                        with use_backend("scan", scan), use_backend("deform", deform):
-                            row.update(measure(variant, args, device))
-                        row["status"] = "measured"
-                    except BackendUnavailable as err:
-                        row["status"] = f"unavailable: {err}"
-                    except torch.cuda.OutOfMemoryError:
-                        row["status"] = "out of memory"
-                    _free(device)
-                results.append(row)
-                if row["status"] == "measured":
-                    print(report_line(variant, row, comparable), flush=True)
-                    if "profile" in row:
-                        print(row["profile"]["table"], flush=True)
-                else:
-                    print(f"{variant:5} scan={scan.value:6} deform={deform.value:6} | {row['status']}", flush=True)
-    common.write_json(args.json, {
-        "benchmark": "model_throughput", "environment": env, "settings": settings, "switch_honoured": honoured,
-        "comparable_to_official": comparable, "official": OFFICIAL, "targets": TARGETS, "results": results,
-    })
+
+    def save() -> None:  # after every configuration, so a run cut short still leaves its figures
+        common.write_json(args.json, {
+            "benchmark": "model_throughput", "environment": env, "settings": settings, "switch_honoured": honoured,
+            "comparable_to_official": comparable, "official": OFFICIAL, "targets": TARGETS, "results": results,
+        })
+
+    for scan, deform in args.pairs:
+        for variant in args.models:
+            row: Dict[str, Any] = {"model": variant, "scan_backend": scan.value, "deform_backend": deform.value}
+            # a deformable front end without the switch is the PyTorch path, so forcing torch there is honest
+            ignored = [op for op, b in (("scan", scan), ("deform", deform)) if honoured[op] is False
+                       and b != Backend.AUTO and not (op == "deform" and b == Backend.TORCH)]
+            if ignored:
+                row["status"] = (f"not timed: models ignore a forced {' and '.join(ignored)} backend "
+                                 "(front end predates the switch)")
+            elif scan == Backend.CUDA and not env["scan_cuda_extension"]:
+                row["status"] = "unavailable: defmamba_scan_cuda is not built"
+            else:
+                try:
+                    with use_backend("scan", scan), use_backend("deform", deform):
+                        row.update(measure(variant, args, device))
+                    row["status"] = "measured"
+                except BackendUnavailable as err:
+                    row["status"] = f"unavailable: {err}"
+                except torch.cuda.OutOfMemoryError:
+                    row["status"] = "out of memory"
+                _free(device)
+            results.append(row)
+            save()
+            if row["status"] == "measured":
+                print(report_line(variant, row, comparable), flush=True)
+                if "profile" in row:
+                    print(row["profile"]["table"], flush=True)
+            else:
+                print(f"{variant:5} scan={scan.value:6} deform={deform.value:6} | {row['status']}", flush=True)
+    save()
     if not any(r["status"] == "measured" for r in results):
         common.fail("no configuration could be measured: " + "; ".join(
             f"{r['model']} scan={r['scan_backend']} deform={r['deform_backend']}: {r['status']}" for r in results), 1)

@@ -162,6 +162,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     backends: List[Backend] = args.backends if honoured else [Backend.AUTO]
     results: List[Dict[str, Any]] = []
     status: Dict[str, str] = {}
+
+    def save() -> None:  # after every backend, so a run cut short still leaves its figures
+        common.write_json(args.json, {
+            "benchmark": "selective_scan", "environment": env, "copy_bandwidth_GBps": copy_bw / 1e9,
+            "warmup": warmup, "repeats": repeats, "backend_status": status, "switch_honoured": honoured,
+            "target": TARGET, "results": results,
+        })
+
     if not honoured:
         for b in args.backends:
             status[b.value] = "not timed: " + unavailable_reason(b, device, False)
@@ -206,11 +214,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print(f"{backend.value:7} {model:5} {dname:5} {stage:5d} {dim:5d} {length:5d} | "
                               f"{row['fwd_ms']:8.3f} {row['fwd_pct_copy_bw']:6.1f}% | {row['bwd_ms']:8.3f} "
                               f"{row['bwd_pct_copy_bw']:6.1f}% | {row['fwd_bwd_ms']:8.3f}", flush=True)
-    common.write_json(args.json, {
-        "benchmark": "selective_scan", "environment": env, "copy_bandwidth_GBps": copy_bw / 1e9,
-        "warmup": warmup, "repeats": repeats, "backend_status": status, "switch_honoured": honoured,
-        "target": TARGET, "results": results,
-    })
+        save()
+    save()
     if not any("fwd_ms" in r for r in results):
         common.fail("no scan backend could be measured: " + "; ".join(f"{k}: {v}" for k, v in status.items()), 1)
     return 0
