@@ -29,6 +29,12 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for reports that must stay one line per failure."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -84,9 +90,10 @@ def parse_backends(text: str, allowed: List[str]) -> List[Backend]:
 def scan_switch_honoured() -> bool:
     """True when models.selective_scan obeys a forced backend.
 
-    Probe: forcing the CUDA extension on CPU tensors must raise BackendUnavailable. A front end that
-    predates the switch silently runs its automatic choice instead, and its figures would carry the wrong
-    backend's name, so the benchmarks then measure `auto` only.
+    Probe: a forced CUDA scan of CPU tensors cannot succeed, so a front end that obeys the switch raises
+    (BackendUnavailable, or the extension's own error). One that predates the switch silently runs its
+    automatic choice instead, and its figures would carry the wrong backend's name, so the benchmarks then
+    measure `auto` only.
     """
     from models.selective_scan import selective_scan_fn
 
@@ -95,13 +102,13 @@ def scan_switch_honoured() -> bool:
     try:
         with use_backend("scan", Backend.CUDA):
             selective_scan_fn(u, u, -torch.ones(1, 1), B, B)
-    except BackendUnavailable:
+    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
         return True
     return False
 
 
 def deform_switch_honoured() -> Optional[bool]:
-    """True when models.deformable_sequence obeys a forced backend (same probe idea, forcing Triton on CPU).
+    """True when models.deformable_sequence obeys a forced backend (same probe, forcing Triton on CPU tensors).
 
     None when the probe cannot decide: Triton's interpreter is on, so forced Triton may legitimately run
     CPU tensors.
@@ -115,7 +122,7 @@ def deform_switch_honoured() -> Optional[bool]:
     try:
         with use_backend("deform", Backend.TRITON):
             deformable_sequence(x, pos)
-    except BackendUnavailable:
+    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
         return True
     return False
 

@@ -67,7 +67,8 @@ def _free(device: torch.device) -> None:
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int) -> Dict[str, Any]:
-    """Top `rows` events of one step by self device time (self CPU time on a CPU run): table and list."""
+    """Top `rows` events of one step by self device time (self CPU time on a CPU run): table and kernel list."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -90,8 +91,11 @@ def profile_step(step: Callable[[], None], device: torch.device, rows: int) -> D
         table = events.table(sort_by=key, row_limit=rows)
     except (AttributeError, KeyError, ValueError):  # older torch names device time "cuda"
         table = events.table(sort_by="self_cuda_time_total", row_limit=rows)
-    total = sum(self_us(e) for e in events) or 1.0
-    top = sorted(events, key=self_us, reverse=True)[:rows]
+    # on the GPU the list holds the kernels themselves: an operator's device time would count its kernels twice
+    pool = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA] if device.type == "cuda" else []
+    pool = pool or list(events)
+    total = sum(self_us(e) for e in pool) or 1.0
+    top = sorted(pool, key=self_us, reverse=True)[:rows]
     return {"sorted_by": key, "table": table,
             "top": [{"name": e.key, "calls": e.count, "self_ms": self_us(e) / 1e3, "pct": 100 * self_us(e) / total}
                     for e in top if self_us(e) > 0]}
@@ -251,6 +255,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     row["status"] = f"unavailable: {err}"
                 except torch.cuda.OutOfMemoryError:
                     row["status"] = "out of memory"
+                except Exception as err:  # noqa: BLE001  reported, and the exit status says so
+                    row["status"] = f"error: {common.one_line(err)}"
                 _free(device)
             results.append(row)
             save()
@@ -264,6 +270,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not any(r["status"] == "measured" for r in results):
         common.fail("no configuration could be measured: " + "; ".join(
             f"{r['model']} scan={r['scan_backend']} deform={r['deform_backend']}: {r['status']}" for r in results), 1)
+    broken = [f"{r['model']} scan={r['scan_backend']} deform={r['deform_backend']}" for r in results
+              if r["status"].startswith("error")]
+    if broken:
+        common.fail(f"{len(broken)} configuration(s) failed: {'; '.join(broken)} (see the lines above)", 1)
     return 0
 
 

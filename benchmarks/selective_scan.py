@@ -178,7 +178,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(header)
     print("-" * len(header), flush=True)
     for backend in backends:
-        reason = unavailable_reason(backend, device, True)
+        try:
+            reason = unavailable_reason(backend, device, True)
+        except Exception as err:  # noqa: BLE001  a broken backend must not hide the others' figures
+            reason = f"error: {common.one_line(err)}"
         if reason is not None:
             status[backend.value] = f"unavailable: {reason}"
             print(f"{backend.value:7} unavailable: {reason}", flush=True)
@@ -202,6 +205,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                               b_warmup, b_repeats, copy_bw)
                         except torch.cuda.OutOfMemoryError:
                             figures = {"error": "out of memory"}
+                        except Exception as err:  # noqa: BLE001  reported, and the exit status says so
+                            figures = {"error": f"error: {common.one_line(err)}"}
                         seen[key] = figures
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
@@ -218,6 +223,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     save()
     if not any("fwd_ms" in r for r in results):
         common.fail("no scan backend could be measured: " + "; ".join(f"{k}: {v}" for k, v in status.items()), 1)
+    broken = sorted({r["backend"] for r in results if r.get("error", "").startswith("error")}
+                    | {k for k, v in status.items() if v.startswith("unavailable: error")})
+    if broken:
+        common.fail(f"the scan failed with backend(s) {', '.join(broken)} (see the rows above)", 1)
     return 0
 
 
