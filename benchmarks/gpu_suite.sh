@@ -43,10 +43,12 @@ export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # Triton must compile for the GPU here, not interpret
 
 log() { echo "$*" | tee -a "$LOG"; }
-log "gpu_suite: repo $REPO, commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ)"
+log "gpu_suite: repo $REPO, commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)," \
+    "$(date -u +%FT%TZ)"
 
 # 1. carried wheels; packages ---------------------------------------------------------------------------
 SITE=$(mktemp -d /tmp/defmamba-site.XXXXXX) || die "cannot create a temporary folder"
+trap 'rm -rf "$SITE"' EXIT
 shopt -s nullglob
 wheels=("$REPO"/.whl/*.whl)
 shopt -u nullglob
@@ -82,14 +84,19 @@ run_step() {
     timeout --kill-after=10 "$limit" "$@" >>"$out" 2>&1
     rc=$?
     note=ok
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then note="timed out after ${limit}s"; elif [ $rc -ne 0 ]; then note="failed"; fi
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        note="timed out after ${limit}s"
+    elif [ $rc -ne 0 ]; then
+        note="failed"
+    fi
     printf 'STEP\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$note" | tee -a "$LOG"
     [ $rc -eq 0 ] || FAILED+=("$name ($note, see $(basename "$out"))")
     return $rc
 }
 
 # 2. build the extension for this GPU ----------------------------------------------------------------------
-ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || die "cannot read the GPU capability"
+ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") \
+    || die "cannot read the GPU's compute capability"
 log "building defmamba_scan_cuda for sm_${ARCH/./}"
 run_step build 300 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
     "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$SITE" \
@@ -109,14 +116,13 @@ run_step pytest 240 "$OUT/pytest.log" "$PY" -m pytest -q -rsfE -p no:cacheprovid
 tail -n 1 "$OUT/pytest.log" | tee -a "$LOG"
 
 # 4. benchmarks ----------------------------------------------------------------------------------------------
-run_step scan_benchmark 120 "$LOG" "$PY" benchmarks/selective_scan.py --backend all --model T,S --dtype all \
+run_step scan_benchmark 150 "$LOG" "$PY" benchmarks/selective_scan.py --backend all --model T,S --dtype all \
     --quick --json "$OUT/scan.json"
-run_step throughput 240 "$LOG" "$PY" benchmarks/model_throughput.py --model tiny,small --profile 25 \
+run_step throughput 300 "$LOG" "$PY" benchmarks/model_throughput.py --model tiny,small --profile 25 \
     --configs auto:auto,cuda:torch,cuda:triton,triton:triton,triton:torch --json "$OUT/throughput.json"
 
 # 5. report ----------------------------------------------------------------------------------------------------
 "$PY" benchmarks/gpu_suite_report.py "$OUT" >>"$LOG" 2>&1 || FAILED+=("report (see suite.log)")
-rm -rf "$SITE"
 [ -f "$OUT/results.md" ] && cat "$OUT/results.md"
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "gpu_suite: FAILED: $(IFS=';'; echo "${FAILED[*]}" | sed 's/;/; /g') -- results in $OUT" >&2

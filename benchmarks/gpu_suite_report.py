@@ -45,7 +45,9 @@ def read_pytest(xml_path: Path, log_path: Path) -> Optional[Dict[str, Any]]:
     summary = None
     if log_path.is_file():
         lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        summary = lines[-1].strip("= ") if lines else None
+        last = lines[-1].strip("= ") if lines else ""
+        finished = any(word in last for word in ("passed", "failed", "skipped", "error", "no tests ran"))
+        summary = last if finished else "no summary: pytest did not finish (see pytest.log)"
     if not xml_path.is_file():
         return {"summary": summary} if summary else None
     try:
