@@ -102,7 +102,7 @@ run_step build 300 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$
     "$PY" -m pip install -v --no-build-isolation --no-deps --no-index --no-cache-dir --target "$SITE" \
     "$REPO/kernels/selective_scan" \
     && run_step build_import 60 "$OUT/build.log" \
-        bash -c 'cd /tmp && "$0" -c "import defmamba_scan_cuda as m; print(m.__file__)"' "$PY"
+        bash -c 'cd /tmp && "$0" -c "import torch, defmamba_scan_cuda as m; print(m.__file__)"' "$PY"
 
 # 3. GPU tests ---------------------------------------------------------------------------------------------
 tests=()

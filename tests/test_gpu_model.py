@@ -36,7 +36,10 @@ from models.backends import Backend, BackendUnavailable, triton_interpreting, us
 from models.deformable_sequence import deformable_sequence  # noqa: E402
 from models.selective_scan import selective_scan_fn  # noqa: E402
 
-SEED = 0
+# With this seed the two closest token positions on any deformable scan path are 2.7e-5 apart (float64),
+# far above fp32 rounding (~1e-6), so the sort cannot order ties differently on the GPU (seed 0: 5e-6,
+# seed 6: 6e-8). The test still compares the scan orders, so a flip would be named, not hidden.
+SEED = 3
 PARITY_IMG, PARITY_BATCH = 64, 2
 LOGIT_RTOL = 1e-4   # max |gpu - ref| / max |ref| over the logits
 GRAD_RTOL = 1e-3    # ||gpu - ref|| / ||ref|| per parameter tensor
