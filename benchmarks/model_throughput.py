@@ -30,8 +30,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-import common
-from common import Backend, BackendUnavailable, use_backend
+import benchmark_common as common
+from benchmark_common import Backend, BackendUnavailable, use_backend
 
 import models  # noqa: E402,F401  (registers the timm names)
 import timm  # noqa: E402

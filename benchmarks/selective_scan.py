@@ -34,8 +34,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-import common
-from common import Backend, BackendUnavailable, use_backend
+import benchmark_common as common
+from benchmark_common import Backend, BackendUnavailable, use_backend
 
 # d_inner per stage (ssm_ratio 1, so d_inner = stage width); S and B share their widths
 WIDTHS = {"T": (48, 96, 192, 384), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768)}

@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: timing, backend probing, environment description, JSON output.
 
-The scripts import this file as `common` (a script's own folder is first on sys.path) and put the repo root
-on sys.path themselves, so they run from a fresh checkout without installing anything.
+The scripts import this file as `benchmark_common` (a script's own folder is first on sys.path); it puts
+the repo root on sys.path, so they run from a fresh checkout without installing anything.
 """
 from __future__ import annotations
 
