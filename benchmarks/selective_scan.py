@@ -1,150 +1,239 @@
-"""Benchmark the `defmamba_scan_cuda` selective scan at DefMamba DSSM shapes.
+"""Selective-scan benchmark at the DefMamba DSSM shapes, per scan backend (cuda, triton, torch).
 
-For every stage of the chosen model(s) (batch 128 at 224x224: L = 3136/784/196/49, G = 3 scan
-groups, Dtot = 3 * d_inner, N = 16) it times with CUDA events (warm-up, median of repeats):
-  fwd      ext.fwd (fp32 output, as used by the autograd wrapper)
-  bwd      ext.bwd alone (given the forward's states)
-  fwd+bwd  the autograd path models.selective_scan.selective_scan_fn + backward
-and prints the effective bandwidth as a fraction of the measured device-to-device copy bandwidth:
-  fwd bytes = u, delta, B, C read once + out written once (fp32)
-  bwd bytes = u, delta, B, C, dout (fp32) read once + du, ddelta, dB, dC written once
-(small tensors A, D, delta_bias and the fwd checkpoints are not counted). The pure-PyTorch
-reference (models.selective_scan.selective_scan_reference) is timed on a few shapes for the
-speed-up column.
+For every stage of the chosen model(s) at 224 px (L = 3136/784/196/49 tokens, D = 3 * d_inner channels in
+G = 3 scan groups, N = 16 states) and the chosen batch, each backend is forced through
+models.backends.use_backend("scan", ...) and models.selective_scan.selective_scan_fn is timed (warm-up,
+then the median of the repeats):
 
-    python benchmarks/selective_scan.py [--quick] [--dtype bf16|fp32|both] [--model T|S|B|all]
+    fwd      the forward with inputs that require grad (what training runs)
+    bwd      the backward alone (torch.autograd.grad on a retained graph)
+    fwd+bwd  both
+
+Bandwidth is reported as a fraction of the measured copy bandwidth (read + write of a 1 GiB copy):
+
+    fwd bytes = u, delta, B, C read once (input dtype) + out written once (fp32)
+    bwd bytes = u, delta, B, C (input dtype) + dout (fp32) read once + du, ddelta, dB, dC written once
+    (A, D, delta_bias and any saved chunk states are not counted)
+
+Issue #8's bar: forward >= 70 % and backward >= 50 % of copy bandwidth at the stage-1 shape. A backend
+that cannot run here (BackendUnavailable, or the extension not built) is reported and skipped; one that
+fails is reported in its rows and makes the exit status non-zero. The PyTorch reference computes in fp32
+whatever the input dtype, so it is timed for the first listed dtype only, with fewer repeats: it is the
+speed-up baseline, not a candidate.
+
+    python benchmarks/selective_scan.py                              # all backends, T/S/B, fp16 + fp32
+    python benchmarks/selective_scan.py --backend cuda --model T --stages 1 --dtype fp16
+    python benchmarks/selective_scan.py --json scan.json --quick     # what benchmarks/gpu_suite.sh runs
+    python benchmarks/selective_scan.py --device cpu --backend torch --batch 1 --stages 4 --repeats 1  # smoke
 """
+from __future__ import annotations
+
 import argparse
-import os
-import statistics
 import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import benchmark_common as common
+from benchmark_common import Backend, BackendUnavailable, use_backend
 
-MODELS = {
-    "T": (48, 96, 192, 384),
-    "S": (96, 192, 384, 768),
-    "B": (96, 192, 384, 768),
-}
-LENGTHS = (3136, 784, 196, 49)  # 56^2, 28^2, 14^2, 7^2 tokens per stage at 224x224
+# d_inner per stage (ssm_ratio 1, so d_inner = stage width); S and B share their widths
+WIDTHS = {"T": (48, 96, 192, 384), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768)}
+LENGTHS = (3136, 784, 196, 49)  # 56^2, 28^2, 14^2, 7^2 tokens at 224 px
 GROUPS, NSTATE = 3, 16
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+SCAN_BACKENDS = ["cuda", "triton", "torch"]
+TARGET = {"stage": 1, "fwd_pct_copy_bw": 70.0, "bwd_pct_copy_bw": 50.0}
 
 
-def cuda_time_ms(fn, warmup, repeats):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth(nbytes=1 << 30):
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), 3, 10)
-    return 2 * nbytes / (ms * 1e-3)
-
-
-def make_inputs(batch, dim, length, dtype):
-    dev = "cuda"
-    u = torch.randn(batch, dim, length, device=dev, dtype=dtype)
-    delta = (torch.randn(batch, dim, length, device=dev) * 0.5 - 2.0).to(dtype)
-    A = -torch.arange(1, NSTATE + 1, device=dev, dtype=torch.float32).repeat(dim, 1)
-    B = torch.randn(batch, GROUPS, NSTATE, length, device=dev, dtype=dtype)
-    C = torch.randn(batch, GROUPS, NSTATE, length, device=dev, dtype=dtype)
-    D = torch.ones(dim, device=dev)
-    bias = torch.rand(dim, device=dev) * 0.1
+def make_inputs(batch: int, dim: int, length: int, dtype: torch.dtype, device: torch.device) -> Tuple:
+    """Scan inputs in the ranges a trained DSSM sees: softplus(delta + bias) of order 0.1, A = -(1..N)."""
+    u = torch.randn(batch, dim, length, device=device, dtype=dtype)
+    delta = (torch.randn(batch, dim, length, device=device) * 0.5 - 2.0).to(dtype)
+    A = -torch.arange(1, NSTATE + 1, device=device, dtype=torch.float32).repeat(dim, 1)
+    B = torch.randn(batch, GROUPS, NSTATE, length, device=device, dtype=dtype)
+    C = torch.randn(batch, GROUPS, NSTATE, length, device=device, dtype=dtype)
+    D = torch.ones(dim, device=device)
+    bias = torch.rand(dim, device=device) * 0.1
     return u, delta, A, B, C, D, bias
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, reference on one shape only")
-    parser.add_argument("--dtype", choices=("bf16", "fp32", "both"), default="both")
-    parser.add_argument("--model", choices=("T", "S", "B", "all"), default="all")
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args()
+def traffic_bytes(u: torch.Tensor, B: torch.Tensor) -> Tuple[int, int]:
+    esize = u.element_size()
+    n_ud, n_bc = u.numel(), B.numel()
+    inputs = (2 * n_ud + 2 * n_bc) * esize
+    return inputs + n_ud * 4, inputs + n_ud * 4 + inputs
 
-    if not torch.cuda.is_available():
-        print("selective_scan benchmark: no CUDA device available (needs a GPU).", file=sys.stderr)
-        raise SystemExit(1)
+
+def unavailable_reason(backend: Backend, device: torch.device, honoured: bool) -> Optional[str]:
+    """Why `backend` cannot be measured here, or None. Runs one tiny scan under the forced backend."""
+    from models.selective_scan import cuda_extension_available, selective_scan_fn
+
+    if not honoured:
+        return "models.selective_scan ignores forced backends (front end predates the switch); only auto is timed"
+    if backend == Backend.CUDA and not cuda_extension_available():
+        return "defmamba_scan_cuda is not built (pip install --no-build-isolation kernels/selective_scan)"
+    u, delta, A, B, C, D, bias = make_inputs(1, GROUPS, 8, torch.float32, device)
     try:
-        import defmamba_scan_cuda as ext
-    except ImportError as err:
-        print(f"selective_scan benchmark: defmamba_scan_cuda is not built ({err}); "
-              "run `pip install --no-build-isolation kernels/selective_scan`.", file=sys.stderr)
-        raise SystemExit(1)
-    from models.selective_scan import selective_scan_fn, selective_scan_reference
+        with use_backend("scan", backend):
+            selective_scan_fn(u, delta, A, B, C, D, bias, delta_softplus=True)
+    except BackendUnavailable as err:
+        return str(err)
+    return None
 
-    warmup, repeats = (2, 5) if args.quick else (5, 20)
-    copy_bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {copy_bw / 1e9:.0f} GB/s "
-          f"(read + write, 1 GiB copy)  batch {args.batch}")
-    models = ("T", "S", "B") if args.model == "all" else (args.model,)
-    dtypes = ("bf16", "fp32") if args.dtype == "both" else (args.dtype,)
-    # the reference is slow and memory hungry: only the short stages
-    ref_lengths = (196,) if args.quick else (196, 49)
 
-    header = (f"{'model':5} {'dtype':5} {'Dtot':>5} {'L':>5} | {'fwd ms':>8} {'fwd %bw':>7} | {'bwd ms':>8} "
-              f"{'bwd %bw':>7} | {'f+b ms':>8} | {'ref f+b ms':>10} {'speed-up':>8}")
+def measure(backend: Backend, batch: int, dim: int, length: int, dtype: torch.dtype, device: torch.device,
+            warmup: int, repeats: int, copy_bw: float) -> Dict[str, Any]:
+    from models.selective_scan import selective_scan_fn
+
+    u, delta, A, B, C, D, bias = make_inputs(batch, dim, length, dtype, device)
+    dout = torch.randn(batch, dim, length, device=device)
+    fwd_bytes, bwd_bytes = traffic_bytes(u, B)
+    leaves = [t.requires_grad_(True) for t in (u, delta, A, B, C, D, bias)]
+    with use_backend("scan", backend):
+        def fwd() -> torch.Tensor:
+            return selective_scan_fn(*leaves, delta_softplus=True)
+
+        t_fwd = common.median_ms(fwd, warmup, repeats, device)
+        y = fwd()
+        t_bwd = common.median_ms(lambda: torch.autograd.grad(y, leaves, dout, retain_graph=True),
+                                 warmup, repeats, device)
+        del y
+        t_fb = common.median_ms(lambda: torch.autograd.grad(fwd(), leaves, dout), warmup, repeats, device)
+    return {
+        "fwd_ms": t_fwd, "bwd_ms": t_bwd, "fwd_bwd_ms": t_fb,
+        "fwd_pct_copy_bw": 100 * fwd_bytes / (t_fwd * 1e-3) / copy_bw,
+        "bwd_pct_copy_bw": 100 * bwd_bytes / (t_bwd * 1e-3) / copy_bw,
+        "fwd_bytes": fwd_bytes, "bwd_bytes": bwd_bytes,
+    }
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="all",
+                        help="all, or a comma list of " + ", ".join(SCAN_BACKENDS) + " (default all)")
+    parser.add_argument("--model", default="all", help="all, or a comma list of T, S, B (default all)")
+    parser.add_argument("--dtype", default="fp16,fp32",
+                        help="all, or a comma list of fp16, bf16, fp32 (default fp16,fp32: AMP training and fp32)")
+    parser.add_argument("--stages", default="1,2,3,4", help="comma list of stages 1-4 (default all)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (2 warm-up, 5 timed)")
+    parser.add_argument("--warmup", type=int, help="warm-up calls per measurement (default 5, --quick 2)")
+    parser.add_argument("--repeats", type=int, help="timed calls per measurement (default 20, --quick 5)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu only for a smoke run: its timings say nothing about the GPU")
+    parser.add_argument("--json", metavar="PATH", help="also write all figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    def listed(text: str, allowed, what: str) -> List[str]:
+        names = list(allowed) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            parser.error(f"--{what}: unknown {', '.join(bad) or repr(text)}; expected all or a comma list of "
+                         f"{', '.join(allowed)}")
+        return names
+
+    try:
+        args.backends = common.parse_backends(args.backend, SCAN_BACKENDS)
+    except ValueError as err:
+        parser.error(f"--backend: {err}")
+    args.models = listed(args.model, WIDTHS, "model")
+    args.dtypes = listed(args.dtype, DTYPES, "dtype")
+    args.stage_list = [int(s) for s in listed(args.stages, ("1", "2", "3", "4"), "stages")]
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    quick_warmup, quick_repeats = (2, 5) if args.quick else (5, 20)
+    args.warmup = quick_warmup if args.warmup is None else args.warmup
+    args.repeats = quick_repeats if args.repeats is None else args.repeats
+    if args.warmup < 0 or args.repeats < 1:
+        parser.error("--warmup must be >= 0 and --repeats >= 1")
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        common.fail("CUDA is not available: this benchmark needs a GPU (--device cpu for a smoke run)")
+    warmup, repeats = args.warmup, args.repeats
+    copy_bw = common.copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 24)
+    env = common.environment(device)
+    honoured = common.scan_switch_honoured()
+    print(f"device {env['device']}, torch {env['torch']}, copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+          f"(read + write), batch {args.batch}", flush=True)
+
+    backends: List[Backend] = args.backends if honoured else [Backend.AUTO]
+    results: List[Dict[str, Any]] = []
+    status: Dict[str, str] = {}
+
+    def save() -> None:  # after every backend, so a run cut short still leaves its figures
+        common.write_json(args.json, {
+            "benchmark": "selective_scan", "environment": env, "copy_bandwidth_GBps": copy_bw / 1e9,
+            "warmup": warmup, "repeats": repeats, "backend_status": status, "switch_honoured": honoured,
+            "target": TARGET, "results": results,
+        })
+
+    if not honoured:
+        for b in args.backends:
+            status[b.value] = "not timed: " + unavailable_reason(b, device, False)
+    header = (f"{'backend':7} {'model':5} {'dtype':5} {'stage':>5} {'D':>5} {'L':>5} | {'fwd ms':>8} {'fwd %bw':>7} | "
+              f"{'bwd ms':>8} {'bwd %bw':>7} | {'f+b ms':>8}")
     print(header)
-    print("-" * len(header))
-    seen = {}
-    for model in models:
-        for dname in dtypes:
-            dtype = DTYPES[dname]
-            esize = torch.finfo(dtype).bits // 8
-            for d_inner, length in zip(MODELS[model], LENGTHS):
-                dim = GROUPS * d_inner
-                key = (dname, dim, length)
-                if key in seen:  # S and B share their DSSM shapes
-                    print(f"{model:5} {seen[key]}")
-                    continue
-                u, delta, A, B, C, D, bias = make_inputs(args.batch, dim, length, dtype)
-                dout = torch.randn(args.batch, dim, length, device="cuda")
-                n_ud = u.numel()
-                n_bc = B.numel()
-                fwd_bytes = (2 * n_ud + 2 * n_bc) * esize + n_ud * 4
-                bwd_bytes = (2 * n_ud + 2 * n_bc) * esize + n_ud * 4 + (2 * n_ud + 2 * n_bc) * esize
-
-                t_fwd = cuda_time_ms(lambda: ext.fwd(u, delta, A, B, C, D, bias, True, True), warmup, repeats)
-                _, states = ext.fwd(u, delta, A, B, C, D, bias, True, True)
-                t_bwd = cuda_time_ms(lambda: ext.bwd(u, delta, A, B, C, D, bias, dout, states, True),
-                                     warmup, repeats)
-                leaves = [x.detach().requires_grad_(True) for x in (u, delta, A, B, C, D, bias)]
-
-                def fwd_bwd(fn=selective_scan_fn):
-                    for x in leaves:
-                        x.grad = None
-                    fn(*leaves, delta_softplus=True).backward(dout)
-
-                t_fb = cuda_time_ms(fwd_bwd, warmup, repeats)
-                ref_txt = f"{'-':>10} {'-':>8}"
-                if length in ref_lengths:
-                    try:
-                        t_ref = cuda_time_ms(lambda: fwd_bwd(selective_scan_reference), 1, 3)
-                        ref_txt = f"{t_ref:10.2f} {t_ref / t_fb:7.1f}x"
-                    except torch.cuda.OutOfMemoryError:
-                        ref_txt = f"{'OOM':>10} {'-':>8}"
-                    torch.cuda.empty_cache()
-                row = (f"{dname:5} {dim:5d} {length:5d} | {t_fwd:8.3f} {fwd_bytes / (t_fwd * 1e-3) / copy_bw:7.1%} | "
-                       f"{t_bwd:8.3f} {bwd_bytes / (t_bwd * 1e-3) / copy_bw:7.1%} | {t_fb:8.3f} | {ref_txt}")
-                seen[key] = row
-                print(f"{model:5} {row}", flush=True)
-                del u, delta, B, C, dout, states, leaves
-                torch.cuda.empty_cache()
+    print("-" * len(header), flush=True)
+    for backend in backends:
+        try:
+            reason = unavailable_reason(backend, device, True)
+        except Exception as err:  # noqa: BLE001  a broken backend must not hide the others' figures
+            reason = f"error: {common.one_line(err)}"
+        if reason is not None:
+            status[backend.value] = f"unavailable: {reason}"
+            print(f"{backend.value:7} unavailable: {reason}", flush=True)
+            continue
+        status[backend.value] = "measured"
+        # the PyTorch reference is slow and computes in fp32 anyway: one dtype, fewer repeats
+        reference = backend == Backend.TORCH
+        b_warmup, b_repeats = (min(warmup, 1), min(repeats, 3)) if reference else (warmup, repeats)
+        b_dtypes = args.dtypes[:1] if reference else args.dtypes
+        seen: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
+        for model in args.models:
+            for dname in b_dtypes:
+                for stage in args.stage_list:
+                    dim, length = GROUPS * WIDTHS[model][stage - 1], LENGTHS[stage - 1]
+                    row = {"backend": backend.value, "model": model, "dtype": dname, "stage": stage,
+                           "batch": args.batch, "D": dim, "L": length, "N": NSTATE, "G": GROUPS}
+                    key = (dname, dim, length)
+                    if key in seen:  # S and B share their shapes
+                        figures = seen[key]
+                    else:
+                        try:
+                            figures = measure(backend, args.batch, dim, length, DTYPES[dname], device,
+                                              b_warmup, b_repeats, copy_bw)
+                        except torch.cuda.OutOfMemoryError:
+                            figures = {"error": "out of memory"}
+                        except Exception as err:  # noqa: BLE001  reported, and the exit status says so
+                            figures = {"error": f"error: {common.one_line(err)}"}
+                        seen[key] = figures
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    row.update(figures)
+                    results.append(row)
+                    if "error" in figures:
+                        print(f"{backend.value:7} {model:5} {dname:5} {stage:5d} {dim:5d} {length:5d} | "
+                              f"{figures['error']}", flush=True)
+                    else:
+                        print(f"{backend.value:7} {model:5} {dname:5} {stage:5d} {dim:5d} {length:5d} | "
+                              f"{row['fwd_ms']:8.3f} {row['fwd_pct_copy_bw']:6.1f}% | {row['bwd_ms']:8.3f} "
+                              f"{row['bwd_pct_copy_bw']:6.1f}% | {row['fwd_bwd_ms']:8.3f}", flush=True)
+        save()
+    save()
+    if not any("fwd_ms" in r for r in results):
+        common.fail("no scan backend could be measured: " + "; ".join(f"{k}: {v}" for k, v in status.items()), 1)
+    broken = sorted({r["backend"] for r in results if r.get("error", "").startswith("error")}
+                    | {k for k, v in status.items() if v.startswith("unavailable: error")})
+    if broken:
+        common.fail(f"the scan failed with backend(s) {', '.join(broken)} (see the rows above)", 1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

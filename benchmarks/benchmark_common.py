@@ -1,0 +1,161 @@
+"""Helpers shared by the benchmark scripts: timing, backend probing, environment description, JSON output.
+
+The scripts import this file as `benchmark_common` (a script's own folder is first on sys.path); it puts
+the repo root on sys.path, so they run from a fresh checkout without installing anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NoReturn, Optional
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from models.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit with `code`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def one_line(err: BaseException) -> str:
+    """`Type: first line of the message`, for reports that must stay one line per failure."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_times_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> List[float]:
+    """Wall time of each of `repeats` calls of `fn` after `warmup` calls, in ms.
+
+    CUDA calls are timed with events around each call (no host synchronisation inside the timed region
+    beyond what `fn` itself does); CPU calls with perf_counter.
+    """
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def median_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> float:
+    return statistics.median(step_times_ms(fn, warmup, repeats, device))
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Measured copy bandwidth in bytes/s, read + write counted (the bar the scan kernels are held to)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), 3, 10, device)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def parse_backends(text: str, allowed: List[str]) -> List[Backend]:
+    """'all' or a comma list of backend names (validated against `allowed`) -> Backend values."""
+    names = allowed if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise ValueError(f"unknown backend {', '.join(bad) or repr(text)}; expected all or a comma list of "
+                         f"{', '.join(allowed)}")
+    return [Backend(n) for n in names]
+
+
+def scan_switch_honoured() -> bool:
+    """True when models.selective_scan obeys a forced backend.
+
+    Probe: a forced CUDA scan of CPU tensors cannot succeed, so a front end that obeys the switch raises
+    (BackendUnavailable, or the extension's own error). One that predates the switch silently runs its
+    automatic choice instead, and its figures would carry the wrong backend's name, so the benchmarks then
+    measure `auto` only.
+    """
+    from models.selective_scan import selective_scan_fn
+
+    u = torch.zeros(1, 1, 2)
+    B = torch.zeros(1, 1, 1, 2)
+    try:
+        with use_backend("scan", Backend.CUDA):
+            selective_scan_fn(u, u, -torch.ones(1, 1), B, B)
+    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
+        return True
+    return False
+
+
+def deform_switch_honoured() -> Optional[bool]:
+    """True when models.deformable_sequence obeys a forced backend (same probe, forcing Triton on CPU tensors).
+
+    None when the probe cannot decide: Triton's interpreter is on, so forced Triton may legitimately run
+    CPU tensors.
+    """
+    if triton_interpreting():
+        return None
+    from models.deformable_sequence import deformable_sequence
+
+    x = torch.zeros(1, 1, 2, 2)
+    pos = torch.zeros(1, 2, 2, 2)
+    try:
+        with use_backend("deform", Backend.TRITON):
+            deformable_sequence(x, pos)
+    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
+        return True
+    return False
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    """What every result must name: device, torch / CUDA / Triton versions, scan extension state."""
+    from models.selective_scan import cuda_extension_available
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "scan_cuda_extension": cuda_extension_available(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
+    """Write `payload` atomically (temp file + rename) so a killed run never leaves half a file."""
+    if not path:
+        return
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, out)
