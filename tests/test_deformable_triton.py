@@ -210,8 +210,8 @@ def forward_backward(model: DefMamba, images: torch.Tensor, backends: Dict[str, 
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-# each entry forces the named operations to Triton (interpreted); add "scan": "triton" once it exists
-TRITON_COMBINATIONS = {"deform": {"deform": "triton"}}
+# each entry forces the named operations to Triton (interpreted); the reference forces them to torch
+TRITON_COMBINATIONS = {"deform": {"deform": "triton"}, "deform+scan": {"deform": "triton", "scan": "triton"}}
 
 
 @pytest.mark.parametrize("forced", list(TRITON_COMBINATIONS))
