@@ -8,7 +8,7 @@ from torch import nn
 
 from .amp import AmpPolicy
 
-__all__ = ["WARMUP_ITERS", "TIMED_ITERS", "measure_throughput"]
+__all__ = ["WARMUP_ITERS", "TIMED_ITERS", "measure_throughput", "format_rate"]
 
 # As in the release: 50 untimed forwards (autotuning, caches), then 30 timed ones.
 WARMUP_ITERS = 50
@@ -35,3 +35,8 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chan
             model(images)
         _sync(device)
     return TIMED_ITERS * batch_size / (time.perf_counter() - start)
+
+
+def format_rate(images_per_s: float) -> str:
+    """A rate for the log: whole numbers from 100 up, else three significant digits (45.2, 0.421, 0.00312)."""
+    return f"{images_per_s:.0f}" if images_per_s >= 100 else f"{images_per_s:.3g}"
