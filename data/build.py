@@ -78,9 +78,11 @@ def _loader(config: CfgNode, dataset: CheckedImageFolder, sampler: DistributedSa
     # pinning needs a GPU; without one torch would warn on every loader
     pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
     # Train workers start afresh every epoch, seeded by set_epoch, so that an epoch's augmentation does not
-    # depend on how many epochs this process ran before (exact resume); val has no randomness to keep.
+    # depend on how many epochs this process ran before (exact resume); val has no randomness to keep. Each
+    # loader has its own generator, so iterating never draws from the process's torch generator.
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
-                      pin_memory=pin, drop_last=is_train, persistent_workers=workers > 0 and not is_train)
+                      pin_memory=pin, drop_last=is_train, persistent_workers=workers > 0 and not is_train,
+                      generator=torch.Generator())
 
 
 def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:

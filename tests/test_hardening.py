@@ -266,8 +266,8 @@ def test_resume_at_an_epoch_boundary_is_exact(uninterrupted: Tuple[Path, str], d
     torch.manual_seed(12345)  # this interpreter's generators are anywhere: the checkpoint must set them
     result = run_here(base_args(demo_cfg, digits, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "continuing at epoch 1" in result.stdout and "RNG states" in result.stdout
     assert _train_losses(result.stdout, 1) == _train_losses(stdout, 1) != []
+    assert "continuing at epoch 1" in result.stdout and "RNG states" in result.stdout
     resumed = torch.load(run / "ckpt_epoch_1.pth", weights_only=True)
     straight = torch.load(output / RUN / "ckpt_epoch_1.pth", weights_only=True)
     for key in ("model", "model_ema"):
