@@ -18,10 +18,19 @@ from .precision import accumulation_dtype, to_accumulation
 
 __all__ = ["MEMORY_BUDGET_MB", "selective_scan_reference"]
 
+
+def _budget_from_env() -> float:
+    raw = os.environ.get("DEFMAMBA_SCAN_MEMORY_MB", "1024")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"DEFMAMBA_SCAN_MEMORY_MB must be a number of MiB (0 = no blocking), got {raw!r}") from None
+
+
 # Working memory of one scan call (forward or backward), in MiB: its results (y; du, ddelta, dB, dC) plus
 # the (rows, L, N) temporaries of one block of (batch x channel) rows, blocks sized to fit. When the results
 # alone exceed it, blocks are single channels. 0 processes all rows at once. Read at every call.
-MEMORY_BUDGET_MB = int(os.environ.get("DEFMAMBA_SCAN_MEMORY_MB", "1024"))
+MEMORY_BUDGET_MB = _budget_from_env()
 # (rows, L, N) tensors alive at once at the backward's peak (the forward needs fewer), measured.
 _LIVE_TENSORS = 18
 
@@ -78,7 +87,7 @@ def _row_blocks(bsz: int, dim: int, length: int, nstate: int, itemsize: int,
     Whole batch rows when at least one fits, else channel ranges of one batch row (at least one channel).
     """
     budget = MEMORY_BUDGET_MB * 2 ** 20 - results * bsz * dim * length * itemsize
-    rows = budget // (_LIVE_TENSORS * length * nstate * itemsize) if MEMORY_BUDGET_MB > 0 else bsz * dim
+    rows = int(budget // (_LIVE_TENSORS * length * nstate * itemsize)) if MEMORY_BUDGET_MB > 0 else bsz * dim
     if rows >= dim:
         step = rows // dim
         for b0 in range(0, bsz, step):
