@@ -99,8 +99,9 @@ def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
 
 def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool) -> Loaders:
     """Loaders sharded over `world_size` processes with DistributedSampler (also for a single process, so
-    the shuffle order depends only on SEED and the epoch; call set_epoch before each epoch). The val shards are padded to equal length by
-    repeating the first images, as in the release: up to world_size - 1 images are counted twice."""
+    the shuffle order depends only on SEED and the epoch; call set_epoch before each epoch). The val shards
+    are padded to equal length by repeating the first images, as in the release: up to world_size - 1
+    images are counted twice."""
     val_set = _dataset(config, root / "val", is_train=False)
     val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
     loaders = Loaders(val=_loader(config, val_set, val_sampler, is_train=False))

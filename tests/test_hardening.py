@@ -107,7 +107,8 @@ batch, groups, per_group, nstate, length = 4, 3, 48, 16, 3136  # DefMamba-T stag
 dim = groups * per_group
 gen = torch.Generator().manual_seed(0)
 leaf = lambda t: t.requires_grad_(True)
-u, delta = leaf(torch.randn(batch, dim, length, generator=gen)), leaf(0.5 * torch.randn(batch, dim, length, generator=gen))
+u = leaf(torch.randn(batch, dim, length, generator=gen))
+delta = leaf(0.5 * torch.randn(batch, dim, length, generator=gen))
 A = leaf(-torch.exp(0.5 * torch.randn(dim, nstate, generator=gen)))
 B, C = (leaf(torch.randn(batch, groups, nstate, length, generator=gen)) for _ in range(2))
 D, bias = leaf(torch.randn(dim, generator=gen)), leaf(0.1 * torch.randn(dim, generator=gen))
