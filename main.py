@@ -301,14 +301,14 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
             if resume is not None and found[0].resolve() != resume[0].resolve():
                 logger.info("auto-resume: %s replaces --resume %s", found[0], resume[0])
             resume = found
-    done = _finished(resume, config) if training else None
-    if done:
-        logger.info(done)  # console only: the output folder is left untouched
-        return
     pretrained = Path(config.MODEL.PRETRAINED) if config.MODEL.PRETRAINED else None
     if pretrained is not None:
         ckpt.read_checkpoint(pretrained)
     root = None if config.THROUGHPUT_MODE else data.resolve_data_root(config, need_train=training)
+    done = _finished(resume, config) if training else None
+    if done:
+        logger.info(done)  # console only: the output folder is left untouched
+        return
 
     _prepare_output_dir(output_dir)
     add_file_logging(logger, output_dir, ctx.rank)
