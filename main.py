@@ -3,8 +3,9 @@
 Launch as a single process (`python main.py ...`, GPU or CPU), with `torchrun`, or with
 `python -m torch.distributed.launch` (which passes `--local-rank`). See docs/training.md.
 
-Exit codes: 0 done; 1 the run failed (NaN/inf loss, unreadable image); 2 bad input (flag, config key,
-data path, checkpoint), reported before anything in the output folder is changed; 130 interrupted.
+Exit codes: 0 done (also: the run was already complete); 1 the run failed (NaN/inf loss, unreadable image,
+out of memory); 2 bad input (flag, config key, data path, checkpoint, unusable output folder), reported before
+anything in the output folder is changed; 130 interrupted.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from utils.logger import LOGGER_NAME, add_file_logging, log_to_files, setup_cons
 from utils.lr_scheduler import build_scheduler, scaled_lrs
 from utils.meters import format_seconds
 from utils.optimizer import build_optimizer
-from utils.throughput import measure_throughput
+from utils.throughput import format_rate, measure_throughput
 from utils.train_epoch import EpochStats, NonFiniteError, TrainParts, train_one_epoch, updates_per_epoch
 
 EXIT_FAILED = 1
@@ -137,8 +138,8 @@ def _run_throughput(config: CfgNode, ctx: DistContext, amp: AmpPolicy, model: nn
     for policy in policies:
         speed = measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE,
                                    models.input_channels(config), policy, ctx.device)
-        logger.info("throughput (%s, batch %d, %d px): %.1f images/s", policy.label, config.DATA.BATCH_SIZE,
-                    config.DATA.IMG_SIZE, speed)
+        logger.info("throughput (%s, batch %d, %d px): %s images/s", policy.label, config.DATA.BATCH_SIZE,
+                    config.DATA.IMG_SIZE, format_rate(speed))
 
 
 def _save_epoch(state: Dict[str, Any], output_dir: Path, epoch: int, improved: bool, improved_ema: bool,
@@ -153,15 +154,47 @@ def _save_epoch(state: Dict[str, Any], output_dir: Path, epoch: int, improved: b
     ckpt.prune_epoch_checkpoints(output_dir, keep)
 
 
-def _write_epoch_scalars(writer: SummaryWriter, epoch: int, stats: EpochStats, val: EvalResult,
+def _write_epoch_scalars(writer: SummaryWriter, step: int, stats: EpochStats, val: EvalResult,
                          val_ema: Optional[EvalResult]) -> None:
     scalars = {"val/acc1": val.acc1, "val/acc5": val.acc5, "val/loss": val.loss, "train/epoch_loss": stats.loss,
                "train/images_per_s": stats.images_per_s}
     if val_ema is not None:
         scalars.update({"val_ema/acc1": val_ema.acc1, "val_ema/acc5": val_ema.acc5})
     for tag, value in scalars.items():
-        writer.add_scalar(tag, value, epoch)
+        writer.add_scalar(tag, value, step)
     writer.flush()
+
+
+def _run_config_text(config: CfgNode, ctx: DistContext, amp: AmpPolicy) -> str:
+    """The config as this run used it (AMP_ENABLE as resolved for the device), headed by a comment line."""
+    used = config.clone()
+    used.defrost()
+    used.AMP_ENABLE = amp.enabled
+    return (f"# as run: device {ctx.device.type}, {ctx.world_size} process(es), "
+            f"AMP {amp.label if amp.enabled else 'off (fp32)'}\n{used.dump()}")
+
+
+def _prepare_output_dir(output_dir: Path) -> None:
+    """Create `output_dir` and check that a file can be written in it; UsageError (one line) otherwise."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != output_dir else ""
+        raise UsageError(f"cannot use output folder {output_dir}: {reason}{where}; pass --output <a writable "
+                         "folder>") from None
+
+
+def _finished(resume: Optional[Tuple[Path, Dict[str, Any]]], config: CfgNode) -> Optional[str]:
+    """The line to print when the resumed checkpoint already completed all TRAIN.EPOCHS, else None."""
+    if resume is None or "epoch" not in resume[1] or int(resume[1]["epoch"]) + 1 < config.TRAIN.EPOCHS:
+        return None
+    return (f"run already complete: {resume[0]} finished epoch {int(resume[1]['epoch'])} of TRAIN.EPOCHS "
+            f"{config.TRAIN.EPOCHS}; nothing to do (train longer with --opts TRAIN.EPOCHS N, or start another "
+            "run with --tag)")
 
 
 def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Loaders, model: nn.Module,
@@ -184,16 +217,25 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
     if resume is not None:
         state = ckpt.restore_run(resume[0], resume[1], model, ema, optimizer, scheduler, stepper, logger)
         start_epoch, best, best_ema = state.start_epoch, state.max_accuracy, state.max_accuracy_ema
+        # best.pth / best_ema.pth are replaced only by better models than the ones they hold
+        file_best, file_best_ema = ckpt.best_accuracies(output_dir, logger)
+        best = file_best if file_best is not None else best
+        best_ema = file_best_ema if file_best_ema is not None else best_ema
+        if (best, best_ema) != (state.max_accuracy, state.max_accuracy_ema):
+            logger.info("best so far, as saved in %s: acc@1 %.2f, EMA %.2f", output_dir, best, best_ema)
     wrapped = model
     if ctx.distributed:
         wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None,
                                           broadcast_buffers=False)
-    writer = SummaryWriter(str(output_dir / "tensorboard")) if ctx.is_main else None
+    batches = updates * config.TRAIN.ACCUMULATION_STEPS
+    # purge_step: events a killed launch wrote past the checkpoint are dropped, not shown twice
+    writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_epoch * batches or None) \
+        if ctx.is_main else None
     if ctx.is_main:
         ckpt.remove_stale_temporaries(output_dir)
         config_file = output_dir / "config.yaml"
         tmp = config_file.with_name(f".config.yaml.tmp-{os.getpid()}")
-        tmp.write_text(config.dump(), encoding="utf-8")
+        tmp.write_text(_run_config_text(config, ctx, amp), encoding="utf-8")
         os.replace(tmp, config_file)
     criterion = SoftTargetCrossEntropy() if mixup is not None \
         else nn.CrossEntropyLoss(label_smoothing=config.MODEL.LABEL_SMOOTHING)
@@ -210,7 +252,7 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
     run_start = time.time()
     try:
         for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            loaders.train.sampler.set_epoch(epoch)
+            data.set_epoch(loaders.train, epoch, config.SEED, ctx.rank)
             stats = train_one_epoch(parts, epoch)
             val = evaluate(model, loaders.val, amp, ctx.device, logger, config.PRINT_FREQ, "model")
             val_ema = evaluate(ema.module, loaders.val, amp, ctx.device, logger, config.PRINT_FREQ, "EMA") \
@@ -219,16 +261,19 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
             best = max(best, val.acc1)
             improved_ema = val_ema is not None and val_ema.acc1 > best_ema
             best_ema = max(best_ema, val_ema.acc1) if val_ema is not None else best_ema
+            rng = ckpt.gather_rng_states()  # every rank takes part; rank 0 saves them
             if ctx.is_main:
                 state = ckpt.training_state(model, ema, optimizer, scheduler, stepper, epoch, best, best_ema,
-                                            config.dump())
+                                            _run_config_text(config, ctx, amp), rng)
                 _save_epoch(state, output_dir, epoch, improved, improved_ema, config.TRAIN.KEEP_CHECKPOINTS)
-                _write_epoch_scalars(writer, epoch, stats, val, val_ema)
+                # per-epoch scalars at the epoch's last iteration: one step axis for all tags (purge_step)
+                _write_epoch_scalars(writer, (epoch + 1) * batches - 1, stats, val, val_ema)
             barrier()  # no rank starts the next epoch before the checkpoint is on disk
             ema_text = f" | EMA acc@1 {val_ema.acc1:.2f} (best {best_ema:.2f})" if val_ema is not None else ""
-            logger.info("Epoch %d/%d done in %s | train loss %.4f lr %.3g grad_norm %.3f %.0f img/s | "
+            logger.info("Epoch %d/%d done in %s | train loss %.4f lr %.3g grad_norm %.3f %s img/s | "
                         "val acc@1 %.2f acc@5 %.2f (best %.2f)%s", epoch, config.TRAIN.EPOCHS,
-                        format_seconds(stats.seconds), stats.loss, stats.lr, stats.grad_norm, stats.images_per_s,
+                        format_seconds(stats.seconds), stats.loss, stats.lr, stats.grad_norm,
+                        format_rate(stats.images_per_s),
                         val.acc1, val.acc5, best, ema_text)
     finally:
         if writer is not None:
@@ -265,8 +310,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if pretrained is not None:
         ckpt.read_checkpoint(pretrained)
     root = None if config.THROUGHPUT_MODE else data.resolve_data_root(config, need_train=training)
+    done = _finished(resume, config) if training else None
+    if done:
+        logger.info(done)  # console only: the output folder is left untouched
+        return
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_output_dir(output_dir)
     add_file_logging(logger, output_dir, ctx.rank)
     logger.info("%s on %s, rank %d of %d (local rank %d); output %s",
                 "training" if training else ("eval" if config.EVAL_MODE else "throughput"), ctx.device,
@@ -305,6 +354,18 @@ def _report(message: str, every_rank: bool) -> None:
     log_to_files(logging.getLogger(LOGGER_NAME), logging.ERROR, line)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """A failed allocation (CPU or CUDA). The kernel's OOM killer ends a process without any exception."""
+    text = str(err).lower()
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "out of memory" in text
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line `argv` and return the exit code (see the module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -321,6 +382,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_FAILED
     except data.CorruptImageError as err:
         _report(data.corrupt_image_summary(err), every_rank=True)
+        return EXIT_FAILED
+    except (MemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        _report(f"out of memory ({_first_line(err)}); lower --batch-size (on the CPU, DEFMAMBA_SCAN_MEMORY_MB "
+                "also bounds the scan's working memory, see docs/training.md)", every_rank=True)
         return EXIT_FAILED
     except KeyboardInterrupt:
         _report("interrupted; relaunch the same command to continue from the newest checkpoint in the output "

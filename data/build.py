@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, DistributedSampler
@@ -14,7 +15,7 @@ from .image_folder import CheckedImageFolder
 from .mnist5k import default_mnist5k_root, ensure_mnist5k
 from .transforms import build_transform
 
-__all__ = ["DataError", "Loaders", "resolve_data_root", "build_mixup", "build_loaders"]
+__all__ = ["DataError", "Loaders", "resolve_data_root", "build_mixup", "build_loaders", "set_epoch"]
 
 
 class DataError(ValueError):
@@ -76,14 +77,31 @@ def _loader(config: CfgNode, dataset: CheckedImageFolder, sampler: DistributedSa
     workers = config.DATA.NUM_WORKERS
     # pinning needs a GPU; without one torch would warn on every loader
     pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
+    # Train workers start afresh every epoch, seeded by set_epoch, so that an epoch's augmentation does not
+    # depend on how many epochs this process ran before (exact resume); val has no randomness to keep. Each
+    # loader has its own generator, so iterating never draws from the process's torch generator.
     return DataLoader(dataset, batch_size=config.DATA.BATCH_SIZE, sampler=sampler, num_workers=workers,
-                      pin_memory=pin, drop_last=is_train, persistent_workers=workers > 0)
+                      pin_memory=pin, drop_last=is_train, persistent_workers=workers > 0 and not is_train,
+                      generator=torch.Generator())
+
+
+def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
+    """Make the train loader's shuffle and its workers' seeds functions of (seed, rank, epoch) only.
+
+    The sampler shuffles by seed + epoch; the workers' torch/random/NumPy seeds come from the loader's
+    generator, replaced here by one seeded from (seed, rank, epoch). Without workers the augmentation draws
+    from the process's generators, which checkpoints save and restore.
+    """
+    loader.sampler.set_epoch(epoch)
+    stream = np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]
+    loader.generator = torch.Generator().manual_seed(int(stream))
 
 
 def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool) -> Loaders:
     """Loaders sharded over `world_size` processes with DistributedSampler (also for a single process, so
-    the shuffle order depends only on SEED and the epoch). The val shards are padded to equal length by
-    repeating the first images, as in the release: up to world_size - 1 images are counted twice."""
+    the shuffle order depends only on SEED and the epoch; call set_epoch before each epoch). The val shards
+    are padded to equal length by repeating the first images, as in the release: up to world_size - 1
+    images are counted twice."""
     val_set = _dataset(config, root / "val", is_train=False)
     val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
     loaders = Loaders(val=_loader(config, val_set, val_sampler, is_train=False))

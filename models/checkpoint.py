@@ -6,6 +6,7 @@ this project's trainers, or a bare state_dict. Every missing or unexpected key i
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from typing import Any, Dict, List, Union
 
@@ -33,15 +34,24 @@ def _strip_wrappers(state: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return state
 
 
+def _why_unreadable(err: Exception) -> str:
+    # torch's own message advises weights_only=False, which is wrong for a corrupt or foreign file and
+    # unsafe for an untrusted one: name the problem instead.
+    foreign = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if foreign:
+        return (f"not a readable PyTorch checkpoint: it stores a Python object ({foreign.group(1)}) that is "
+                "never unpickled here; only tensors and plain containers are read")
+    return "not a readable PyTorch checkpoint (truncated, corrupt or another kind of file)"
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """The dict stored in `path`, loaded with torch.load(weights_only=True); CheckpointError otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, ...: torch raises many types
-        lines = str(err).strip().splitlines()
-        raise CheckpointError(f"cannot read checkpoint {path}: {lines[0] if lines else type(err).__name__}") from None
+    except Exception as err:  # truncated zip, foreign pickle, text, ...: torch raises many types
+        raise CheckpointError(f"cannot read checkpoint {path}: {_why_unreadable(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
     return obj

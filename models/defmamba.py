@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .checkpoint import CheckpointError, load_pretrained
 from .dssm import DSSM
 
 __all__ = ["DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base"]
@@ -195,6 +196,10 @@ class DefMamba(nn.Module):
                 names.update(f"{prefix}.{name}" for name in module.ssm_parameters())
         return names
 
+    def load_pretrained(self, path: str) -> None:
+        """timm's hook for pretrained=True (custom_load): strict load of a local release or trainer file."""
+        load_pretrained(self, path)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.layers:
             stage.use_checkpoint = enable
@@ -255,15 +260,24 @@ class DefMamba(nn.Module):
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
                 interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="patch_embed.0", classifier="classifier.head", **kwargs)
+                first_conv="patch_embed.0", classifier="classifier.head", custom_load=True, **kwargs)
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> DefMamba:
+    """pretrained=True loads the local file given as pretrained_cfg_overlay=dict(file=...) (no hub weights)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not overlay.get("file"):
+        raise CheckpointError(f"{variant} has no downloadable weights: download an official checkpoint (README, "
+                              "'Official checkpoints') and pass pretrained_cfg_overlay=dict(file='<path>.pth') "
+                              "with pretrained=True, or call models.load_pretrained(model, '<path>.pth')")
+    if overlay:
+        # timm resets custom_load when a file is given; keep it so the file goes through DefMamba.load_pretrained
+        kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
     return build_model_with_cfg(DefMamba, variant, pretrained,
                                 feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
 
 
-# No hub weights: official checkpoints are loaded from a file with models.load_pretrained.
+# No hub weights: official checkpoints are loaded from a local file (see _create).
 default_cfgs = generate_default_cfgs({name: _cfg() for name in ("defmamba_tiny", "defmamba_small", "defmamba_base")})
 
 # Official variants (spec official.md Sec. 2.1). Drop-path rates are the release's training values.

@@ -2,19 +2,37 @@
 
 Shapes and math are those of `models.selective_scan` (the front end that chooses an implementation).
 The scan keeps no autograd graph: its backward recomputes the states and runs the adjoint recurrence.
+Its peak memory is bounded by MEMORY_BUDGET_MB (env DEFMAMBA_SCAN_MEMORY_MB), whatever the batch.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+import os
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .precision import to_accumulation
+from .precision import accumulation_dtype, to_accumulation
 
-__all__ = ["selective_scan_reference"]
+__all__ = ["MEMORY_BUDGET_MB", "selective_scan_reference"]
+
+
+def _budget_from_env() -> float:
+    raw = os.environ.get("DEFMAMBA_SCAN_MEMORY_MB", "1024")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"DEFMAMBA_SCAN_MEMORY_MB must be a number of MiB (0 = no blocking), got {raw!r}") from None
+
+
+# Working memory of one scan call (forward or backward), in MiB: its results (y; du, ddelta, dB, dC) plus
+# the (rows, L, N) temporaries of one block of (batch x channel) rows, blocks sized to fit. When the results
+# alone exceed it, blocks are single channels. 0 processes all rows at once. Read at every call.
+MEMORY_BUDGET_MB = _budget_from_env()
+# (rows, L, N) tensors alive at once at the backward's peak (the forward needs fewer), measured.
+_LIVE_TENSORS = 18
 
 
 def _linear_scan(a: Tensor, b: Tensor) -> Tensor:
@@ -49,16 +67,36 @@ def _linear_scan(a: Tensor, b: Tensor) -> Tensor:
     return h.view(bsz, dim, nchunk * steps, nstate)[:, :, :length]
 
 
-def _expand_groups(x: Tensor, dim: int) -> Tensor:
-    """(batch, G, N, L) -> (batch, D, L, N): each channel sees its group's B or C."""
-    bsz, groups, nstate, length = x.shape
-    return x.transpose(2, 3).repeat_interleave(dim // groups, dim=1)
+def _expand_groups(x: Tensor, dim: int, chans: slice) -> Tensor:
+    """(batch, G, N, L) -> (batch, channels `chans` of `dim`, L, N): each channel sees its group's B or C."""
+    group_of = torch.arange(chans.start, chans.stop, device=x.device) // (dim // x.shape[1])
+    return x.transpose(2, 3).index_select(1, group_of)
 
 
-def _reduce_groups(x: Tensor, groups: int) -> Tensor:
-    """(batch, D, L, N) -> (batch, G, N, L): adjoint of `_expand_groups`."""
-    bsz, dim, length, nstate = x.shape
-    return x.reshape(bsz, groups, dim // groups, length, nstate).sum(2).transpose(2, 3)
+def _add_groups(out: Tensor, x: Tensor, chans: slice, dim: int) -> None:
+    """out (batch, G, N, L) += x (batch, channels `chans`, L, N) summed per group: adjoint of `_expand_groups`."""
+    group_of = torch.arange(chans.start, chans.stop, device=x.device) // (dim // out.shape[1])
+    out.index_add_(1, group_of, x.transpose(2, 3))
+
+
+def _row_blocks(bsz: int, dim: int, length: int, nstate: int, itemsize: int,
+                results: int) -> Iterator[Tuple[slice, slice]]:
+    """(batch rows, channels) blocks covering (bsz, dim) such that the call's `results` full-size
+    (batch, D, L) outputs plus one block's temporaries fit MEMORY_BUDGET_MB.
+
+    Whole batch rows when at least one fits, else channel ranges of one batch row (at least one channel).
+    """
+    budget = MEMORY_BUDGET_MB * 2 ** 20 - results * bsz * dim * length * itemsize
+    rows = int(budget // (_LIVE_TENSORS * length * nstate * itemsize)) if MEMORY_BUDGET_MB > 0 else bsz * dim
+    if rows >= dim:
+        step = rows // dim
+        for b0 in range(0, bsz, step):
+            yield slice(b0, min(b0 + step, bsz)), slice(0, dim)
+    else:
+        step = max(rows, 1)
+        for b0 in range(bsz):
+            for d0 in range(0, dim, step):
+                yield slice(b0, b0 + 1), slice(d0, min(d0 + step, dim))
 
 
 def _discretize(u: Tensor, delta: Tensor, A: Tensor, Bg: Tensor, delta_bias: Optional[Tensor],
@@ -74,19 +112,20 @@ def _discretize(u: Tensor, delta: Tensor, A: Tensor, Bg: Tensor, delta_bias: Opt
 
 
 class _ReferenceScan(torch.autograd.Function):
-    """Pure-PyTorch selective scan with a hand-written adjoint (works on every device)."""
+    """Pure-PyTorch selective scan with a hand-written adjoint (works on every device).
+
+    Forward and backward run over blocks of (batch, channel) rows sized by `_row_blocks`; rows are
+    independent, so blocking changes the peak memory, never the math.
+    """
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
-        dim = u.shape[1]
-        Bg = _expand_groups(to_accumulation(B), dim)
-        Cg = _expand_groups(to_accumulation(C), dim)
-        _, _, a, b = _discretize(u, delta, A, Bg, delta_bias, delta_softplus)
-        h = _linear_scan(a, b)
-        y = torch.einsum("bdln,bdln->bdl", h, Cg)
-        if D is not None:
-            y = y + to_accumulation(D)[:, None] * to_accumulation(u)
+        bsz, dim, length = u.shape
+        y = torch.empty(bsz, dim, length, dtype=accumulation_dtype(u.dtype), device=u.device)
+        for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], y.element_size(), results=1):
+            y[rows, chans] = _forward_rows(u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows],
+                                           _pick(D, chans), _pick(delta_bias, chans), delta_softplus, chans, dim)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
         return y
@@ -94,35 +133,79 @@ class _ReferenceScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        dim, groups = u.shape[1], B.shape[1]
-        dy = to_accumulation(dy)
-        uf = to_accumulation(u)
-        Bg = _expand_groups(to_accumulation(B), dim)
-        Cg = _expand_groups(to_accumulation(C), dim)
-        pre, dt, a, b = _discretize(u, delta, A, Bg, delta_bias, ctx.delta_softplus)
-        h = _linear_scan(a, b)
-
-        dC = _reduce_groups(dy.unsqueeze(-1) * h, groups)
-        # adjoint recurrence g_t = dy_t C_t + a_{t+1} g_{t+1}, run as a forward scan on flipped time
-        a_next = torch.cat([a[:, :, 1:], torch.zeros_like(a[:, :, :1])], 2)
-        g = _linear_scan(a_next.flip(2), (dy.unsqueeze(-1) * Cg).flip(2)).flip(2)
-        h_prev = torch.cat([torch.zeros_like(h[:, :, :1]), h[:, :, :-1]], 2)
-        da = g * h_prev * a  # d/d(dt A) of a = exp(dt A)
-
-        gB = g * Bg
-        du = dt * gB.sum(-1)
-        ddt = uf * gB.sum(-1) + (da * to_accumulation(A)[:, None, :]).sum(-1)
-        dB = _reduce_groups(g * (dt * uf).unsqueeze(-1), groups)
-        dA = (da * dt.unsqueeze(-1)).sum((0, 2))
-        dD = None
-        if D is not None:
-            du = du + to_accumulation(D)[:, None] * dy
-            dD = (dy * uf).sum((0, 2))
-        ddelta = ddt * torch.sigmoid(pre) if ctx.delta_softplus else ddt
+        bsz, dim, length = u.shape
+        acc = accumulation_dtype(u.dtype)
+        du, ddelta = torch.empty(u.shape, dtype=acc, device=u.device), torch.empty(u.shape, dtype=acc, device=u.device)
+        dA = torch.zeros(A.shape, dtype=acc, device=A.device)
+        dB, dC = (torch.zeros(B.shape, dtype=acc, device=B.device) for _ in range(2))
+        dD = torch.zeros(dim, dtype=acc, device=u.device) if D is not None else None
+        for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], du.element_size(), results=3):
+            du[rows, chans], ddelta[rows, chans], dA_rows, dD_rows = _backward_rows(
+                dy[rows, chans], u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows], _pick(D, chans),
+                _pick(delta_bias, chans), ctx.delta_softplus, chans, dim, dB[rows], dC[rows])
+            dA[chans] += dA_rows
+            if dD is not None:
+                dD[chans] += dD_rows
         dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
         return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 None if dD is None else dD.to(D.dtype),
                 None if dbias is None else dbias.to(delta_bias.dtype), None)
+
+
+def _pick(t: Optional[Tensor], chans: slice) -> Optional[Tensor]:
+    return None if t is None else t[chans]
+
+
+def _forward_rows(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  delta_bias: Optional[Tensor], delta_softplus: bool, chans: slice, dim: int) -> Tensor:
+    """y of the channels `chans` (of `dim`) for a block of rows; u, delta, A, D, bias already sliced."""
+    Bg = _expand_groups(to_accumulation(B), dim, chans)
+    Cg = _expand_groups(to_accumulation(C), dim, chans)
+    _, _, a, b = _discretize(u, delta, A, Bg, delta_bias, delta_softplus)
+    del Bg
+    h = _linear_scan(a, b)
+    del a, b
+    y = torch.einsum("bdln,bdln->bdl", h, Cg)
+    if D is not None:
+        y = y + to_accumulation(D)[:, None] * to_accumulation(u)
+    return y
+
+
+def _backward_rows(dy: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                   delta_bias: Optional[Tensor], delta_softplus: bool, chans: slice, dim: int, dB: Tensor,
+                   dC: Tensor) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(du, ddelta, dA, dD) of a block of rows; dB and dC (the block's batch rows) are accumulated in place."""
+    dy = to_accumulation(dy)
+    uf = to_accumulation(u)
+    Af = to_accumulation(A)
+    Bg = _expand_groups(to_accumulation(B), dim, chans)
+    Cg = _expand_groups(to_accumulation(C), dim, chans)
+    pre, dt, a, b = _discretize(u, delta, A, Bg, delta_bias, delta_softplus)
+    h = _linear_scan(a, b)
+    del b
+    _add_groups(dC, dy.unsqueeze(-1) * h, chans, dim)
+    # adjoint recurrence g_t = dy_t C_t + a_{t+1} g_{t+1}, run as a forward scan on flipped time
+    a_next = torch.cat([a[:, :, 1:], torch.zeros_like(a[:, :, :1])], 2).flip(2)
+    g = _linear_scan(a_next, (dy.unsqueeze(-1) * Cg).flip(2)).flip(2)
+    del a_next, Cg
+    h_prev = torch.cat([torch.zeros_like(h[:, :, :1]), h[:, :, :-1]], 2)
+    del h
+    da = g * h_prev * a  # d/d(dt A) of a = exp(dt A)
+    del h_prev, a
+
+    gB = (g * Bg).sum(-1)
+    del Bg
+    du = dt * gB
+    ddt = uf * gB + (da * Af[:, None, :]).sum(-1)
+    _add_groups(dB, g * (dt * uf).unsqueeze(-1), chans, dim)
+    del g
+    dA = (da * dt.unsqueeze(-1)).sum((0, 2))
+    dD = None
+    if D is not None:
+        du = du + to_accumulation(D)[:, None] * dy
+        dD = (dy * uf).sum((0, 2))
+    ddelta = ddt * torch.sigmoid(pre) if delta_softplus else ddt
+    return du, ddelta, dA, dD
 
 
 def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
