@@ -25,25 +25,11 @@ from torch import Tensor
 from .backends import Backend
 from .precision import accumulation_dtype
 from .selective_scan_cuda import cuda_scan_backward, cuda_scan_forward, cuda_state_shape
-from .selective_scan_torch import _ReferenceScan
+from .selective_scan_torch import scan_backward, scan_forward
 
 __all__ = ["selective_scan_op"]
 
 Grads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
-
-
-class _FunctionContext:
-    """Stands in for autograd's ctx so the reference's autograd.Function runs as two plain functions."""
-
-    def __init__(self, num_inputs: int) -> None:
-        self.needs_input_grad = (True,) * num_inputs
-        self.saved_tensors: Tuple[Any, ...] = ()
-
-    def save_for_backward(self, *tensors: Any) -> None:
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *tensors: Any) -> None:
-        pass
 
 
 def _triton():
@@ -70,7 +56,7 @@ def selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return cuda_scan_forward(*args)
     if chosen is Backend.TRITON:
         return _triton().scan_forward(*args)
-    y = _ReferenceScan.forward(_FunctionContext(len(args)), *args).contiguous()
+    y = scan_forward(*args).contiguous()
     shape, dtype = _saved_spec(chosen, u, A)
     return y, u.new_empty(shape, dtype=dtype)
 
@@ -101,9 +87,7 @@ def selective_scan_backward_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
     elif chosen is Backend.TRITON:
         grads = _triton().scan_backward(*args, dy, saved)
     else:
-        ctx = _FunctionContext(len(args))
-        _ReferenceScan.forward(ctx, *args)
-        grads = _ReferenceScan.backward(ctx, dy)[:7]
+        grads = scan_backward(*args, dy)
     du, ddelta, dA, dB, dC, dD, dbias = grads
     dD, dbias = _optional_grad(dD, D, u), _optional_grad(dbias, delta_bias, u)
     return tuple(g.contiguous() for g in (du, ddelta, dA, dB, dC, dD, dbias))

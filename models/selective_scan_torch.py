@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .precision import accumulation_dtype, to_accumulation
 
-__all__ = ["MEMORY_BUDGET_MB", "selective_scan_reference"]
+__all__ = ["MEMORY_BUDGET_MB", "scan_backward", "scan_forward", "selective_scan_reference"]
 
 
 def _budget_from_env() -> float:
@@ -111,45 +111,59 @@ def _discretize(u: Tensor, delta: Tensor, A: Tensor, Bg: Tensor, delta_bias: Opt
     return pre, dt, a, b
 
 
-class _ReferenceScan(torch.autograd.Function):
-    """Pure-PyTorch selective scan with a hand-written adjoint (works on every device).
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """y (batch, D, L) in fp32 (fp64 for fp64 inputs), computed over blocks of (batch, channel) rows.
 
-    Forward and backward run over blocks of (batch, channel) rows sized by `_row_blocks`; rows are
-    independent, so blocking changes the peak memory, never the math.
+    Rows are independent, so the blocking of `_row_blocks` bounds the peak memory and never changes the math.
     """
+    bsz, dim, length = u.shape
+    y = torch.empty(bsz, dim, length, dtype=accumulation_dtype(u.dtype), device=u.device)
+    for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], y.element_size(), results=1):
+        y[rows, chans] = _forward_rows(u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows],
+                                       _pick(D, chans), _pick(delta_bias, chans), delta_softplus, chans, dim)
+    return y
+
+
+def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (None for an absent D / bias).
+
+    The states are recomputed block by block and the adjoint recurrence is run backwards in time.
+    """
+    bsz, dim, length = u.shape
+    acc = accumulation_dtype(u.dtype)
+    du, ddelta = torch.empty(u.shape, dtype=acc, device=u.device), torch.empty(u.shape, dtype=acc, device=u.device)
+    dA = torch.zeros(A.shape, dtype=acc, device=A.device)
+    dB, dC = (torch.zeros(B.shape, dtype=acc, device=B.device) for _ in range(2))
+    dD = torch.zeros(dim, dtype=acc, device=u.device) if D is not None else None
+    for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], du.element_size(), results=3):
+        du[rows, chans], ddelta[rows, chans], dA_rows, dD_rows = _backward_rows(
+            dy[rows, chans], u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows], _pick(D, chans),
+            _pick(delta_bias, chans), delta_softplus, chans, dim, dB[rows], dC[rows])
+        dA[chans] += dA_rows
+        if dD is not None:
+            dD[chans] += dD_rows
+    dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
+    return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+            None if dD is None else dD.to(D.dtype), None if dbias is None else dbias.to(delta_bias.dtype))
+
+
+class _ReferenceScan(torch.autograd.Function):
+    """Autograd wrapper of `scan_forward` / `scan_backward` (works on every device)."""
 
     @staticmethod
     def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
-        bsz, dim, length = u.shape
-        y = torch.empty(bsz, dim, length, dtype=accumulation_dtype(u.dtype), device=u.device)
-        for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], y.element_size(), results=1):
-            y[rows, chans] = _forward_rows(u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows],
-                                           _pick(D, chans), _pick(delta_bias, chans), delta_softplus, chans, dim)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias)
         ctx.delta_softplus = delta_softplus
-        return y
+        return scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         u, delta, A, B, C, D, delta_bias = ctx.saved_tensors
-        bsz, dim, length = u.shape
-        acc = accumulation_dtype(u.dtype)
-        du, ddelta = torch.empty(u.shape, dtype=acc, device=u.device), torch.empty(u.shape, dtype=acc, device=u.device)
-        dA = torch.zeros(A.shape, dtype=acc, device=A.device)
-        dB, dC = (torch.zeros(B.shape, dtype=acc, device=B.device) for _ in range(2))
-        dD = torch.zeros(dim, dtype=acc, device=u.device) if D is not None else None
-        for rows, chans in _row_blocks(bsz, dim, length, A.shape[1], du.element_size(), results=3):
-            du[rows, chans], ddelta[rows, chans], dA_rows, dD_rows = _backward_rows(
-                dy[rows, chans], u[rows, chans], delta[rows, chans], A[chans], B[rows], C[rows], _pick(D, chans),
-                _pick(delta_bias, chans), ctx.delta_softplus, chans, dim, dB[rows], dC[rows])
-            dA[chans] += dA_rows
-            if dD is not None:
-                dD[chans] += dD_rows
-        dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
-        return (du.to(u.dtype), ddelta.to(delta.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
-                None if dD is None else dD.to(D.dtype),
-                None if dbias is None else dbias.to(delta_bias.dtype), None)
+        return scan_backward(u, delta, A, B, C, D, delta_bias, ctx.delta_softplus, dy) + (None,)
 
 
 def _pick(t: Optional[Tensor], chans: slice) -> Optional[Tensor]:
