@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .backbone import BackboneLoadReport, DefMambaBackbone
 from .checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_state_dict
 from .defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny
 from .selective_scan import selective_scan_fn
 
 __all__ = ["build_model", "DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base",
+           "DefMambaBackbone", "BackboneLoadReport",
            "CheckpointError", "load_pretrained", "read_checkpoint", "read_state_dict", "selective_scan_fn"]
 
 
