@@ -7,9 +7,25 @@ from typing import List, Optional
 
 import torch
 from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
+from mmengine.runner import CheckpointLoader, Runner
 
-__all__ = ["add_common_options", "build_runner"]
+__all__ = ["add_common_options", "build_runner", "load_local_checkpoint"]
+
+
+def load_local_checkpoint(filename: str, map_location: Optional[str] = None) -> dict:
+    """MMEngine's loader for local files (`load_from`, `--resume`, dense/test.py's checkpoint), unpickling fully.
+
+    MMEngine 0.10 writes numpy arrays and its message hub into checkpoints, which torch >= 2.6 rejects under
+    its weights_only default; these are files the user names. (ImageNet weights for the backbone are read
+    with weights_only=True by models.backbone.)
+    """
+    filename = os.path.expanduser(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+CheckpointLoader.register_scheme(prefixes="", loader=load_local_checkpoint, force=True)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +49,12 @@ def build_runner(args: argparse.Namespace, parser: argparse.ArgumentParser, load
     if launcher == "auto":
         launcher = "pytorch" if "LOCAL_RANK" in os.environ else "none"
     cfg.launcher = launcher
-    if launcher != "none" and not torch.cuda.is_available():
-        cfg.env_cfg.setdefault("dist_cfg", {})["backend"] = "gloo"  # NCCL needs GPUs
+    if launcher == "pytorch" and not torch.cuda.is_available():
+        # CPU processes under torchrun: MMEngine's launcher insists on a GPU per process, so start gloo here
+        # (the Runner then keeps this process group) and wrap the model in DDP without device ids.
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo")
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None, broadcast_buffers=False)
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or os.path.join(
         "work_dirs", os.path.splitext(os.path.basename(args.config))[0])
     if load_from is not None:
