@@ -3,6 +3,7 @@ Mask R-CNN and UperNet built from the real configs, the torchvision route for mm
 from __future__ import annotations
 
 import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +389,34 @@ def test_entry_points_parse_and_reject_missing_files(dense, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         test_entry.main([config, str(tmp_path / "none.pth")])
     assert exit_info.value.code == 2 and "checkpoint" in capsys.readouterr().err
+
+
+@needs_mm
+def test_dense_flops_count_every_scan_through_the_handles(dense):
+    """The two scan conventions differ by exactly sum over scan calls of 6*D*L*N - 1.5*D*L (D = 3 * d_inner)."""
+    from dense.flops import dense_params_and_flops
+    overrides = {"model.backbone": dict(**TINY), "model.decode_head.in_channels": [8, 16, 32, 64],
+                 "model.decode_head.channels": 16, "model.auxiliary_head.in_channels": 32,
+                 "model.auxiliary_head.channels": 8}
+    config = str(REPO / SEG_CONFIGS[0])
+    params, release, shape = dense_params_and_flops(config, (64, 96), "release", overrides)
+    _, vmamba, _ = dense_params_and_flops(config, (64, 96), "vmamba", overrides)
+    assert shape == (64, 96) and release > 0
+    tokens = [(64 // 4 >> i) * (96 // 4 >> i) for i in range(4)]  # one block per stage
+    expected = sum(6 * (3 * 8 * 2 ** i) * n * 16 - 1.5 * (3 * 8 * 2 ** i) * n for i, n in enumerate(tokens))
+    assert math.isclose((vmamba - release) * 1e9, expected, rel_tol=1e-9)
+    backbone = DefMambaBackbone(**TINY)
+    assert params > sum(p.numel() for p in backbone.parameters())
+
+
+@needs_mm
+def test_mmengine_checkpoints_load_through_the_entry_points_loader(dense, tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import CheckpointLoader
+    import dense.runner  # noqa: F401  (registers the local-file loader)
+    path = tmp_path / "epoch_1.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": HistoryBuffer([1.0, 2.0], [1, 1])},
+                "meta": {"array": np.arange(3)}}, path)
+    loaded = CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["meta"]["array"].tolist() == [0, 1, 2]
