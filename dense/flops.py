@@ -21,7 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DenseFlopModel", "dense_params_and_flops"]
+__all__ = ["DenseFlopModel", "dense_params", "dense_params_and_flops"]
 
 DEFAULT_SHAPES = {"mmdet": (1280, 800), "mmseg": (512, 2048)}
 
@@ -69,6 +69,12 @@ def _build(config: str, overrides: Optional[dict] = None) -> Tuple[nn.Module, st
     return MODELS.build(cfg.model).eval(), scope
 
 
+def dense_params(config: str, overrides: Optional[dict] = None) -> int:
+    """Trainable parameters of the whole model in `config` (auxiliary head included)."""
+    from utils.flops import count_params
+    return count_params(_build(config, overrides)[0])
+
+
 def dense_params_and_flops(config: str, shape: Optional[Tuple[int, int]] = None, convention: str = "release",
                            overrides: Optional[dict] = None) -> Tuple[int, float, Tuple[int, int]]:
     """(parameters, GFLOPs, (H, W)) of the model in `config` for one H x W image."""
@@ -89,11 +95,16 @@ def main(argv: List[str]) -> int:
                         help="input size (default: 1280 800 for detection, 512 2048 for segmentation)")
     parser.add_argument("--scan-flops", choices=["release", "vmamba"], default="release",
                         help="selective-scan counting convention (see utils/flops.py)")
+    parser.add_argument("--params-only", action="store_true", help="count parameters only (fast, little memory)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config):
         parser.error(f"config {args.config} does not exist")
     if args.shape and min(args.shape) < 32:
         parser.error(f"--shape must be at least 32 x 32, got {args.shape}")
+    if args.params_only:
+        params = dense_params(args.config)
+        print(f"{os.path.basename(args.config)}: params {params:,} ({params / 1e6:.1f} M)")
+        return 0
     params, gflops, (h, w) = dense_params_and_flops(args.config, tuple(args.shape) if args.shape else None,
                                                     args.scan_flops)
     print(f"{os.path.basename(args.config)}: params {params:,} ({params / 1e6:.1f} M), {gflops:.1f} GFLOPs "
