@@ -13,10 +13,12 @@ from typing import List, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
-__all__ = ["ConfigError", "DATASETS", "AMP_DTYPES", "get_default_config", "get_config", "load_yaml_config"]
+__all__ = ["ConfigError", "DATASETS", "MODEL_TYPES", "AMP_DTYPES", "get_default_config", "get_config",
+           "load_yaml_config"]
 
 # Values accepted by the string-valued keys (validated in `_validate`).
 DATASETS = ("imagenet", "mnist5k")
+MODEL_TYPES = ("defmamba", "damamba")
 AMP_DTYPES = ("fp16", "bf16")
 
 
@@ -50,6 +52,8 @@ _C.DATA.SKIP_CORRUPT = False
 _C.MODEL = CN()
 # Names the output sub-folder: OUTPUT/MODEL.NAME/TAG.
 _C.MODEL.NAME = "defmamba_tiny"
+# Model family: 'defmamba' (keys MODEL.DEFMAMBA) or 'damamba' (keys MODEL.DAMAMBA).
+_C.MODEL.TYPE = "defmamba"
 # Weights to start from (model and, if present, EMA); training starts at epoch 0.
 _C.MODEL.PRETRAINED = ""
 # Full checkpoint to continue from (or to evaluate with --eval).
@@ -57,6 +61,18 @@ _C.MODEL.RESUME = ""
 _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
+
+# DAMamba (MODEL.TYPE damamba); defaults are DAMamba-T, spec damamba.md Sec. 1.
+_C.MODEL.DAMAMBA = CN()
+_C.MODEL.DAMAMBA.IN_CHANS = 3
+_C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]
+_C.MODEL.DAMAMBA.DEPTHS = [3, 4, 12, 5]
+_C.MODEL.DAMAMBA.MLP_RATIOS = [4.0, 4.0, 3.0, 3.0]
+# 0-based stages whose blocks scale both residual branches per channel ([2, 3] for S and B), and the scales' start.
+_C.MODEL.DAMAMBA.LAYER_SCALE_STAGES = []
+_C.MODEL.DAMAMBA.LAYER_SCALE_INIT = 1e-6
+# Channels per offset group: each stage has DIMS[i] / HEAD_DIM groups of (dx, dy) offsets.
+_C.MODEL.DAMAMBA.HEAD_DIM = 16
 
 _C.MODEL.DEFMAMBA = CN()
 _C.MODEL.DEFMAMBA.IN_CHANS = 3
@@ -99,6 +115,11 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.EMA = CN()
 _C.TRAIN.EMA.ENABLE = True
 _C.TRAIN.EMA.DECAY = 0.9999
+
+# MESA self-distillation from the EMA (the DAMamba release's recipe): from epoch int(MESA_START x EPOCHS) on,
+# loss += MESA x soft-target cross-entropy(logits, softmax(EMA logits)). 0 turns it off; needs TRAIN.EMA.
+_C.TRAIN.MESA = 0.0
+_C.TRAIN.MESA_START = 0.25
 
 # -----------------------------------------------------------------------------
 # Augmentation (timm)
@@ -204,6 +225,21 @@ def _merge_opts(config: CN, opts: List[str]) -> None:
 def _validate(config: CN) -> None:
     if config.DATA.DATASET not in DATASETS:
         raise ConfigError(f"DATA.DATASET must be one of {', '.join(DATASETS)}, got {config.DATA.DATASET!r}")
+    if config.MODEL.TYPE not in MODEL_TYPES:
+        raise ConfigError(f"MODEL.TYPE must be one of {', '.join(MODEL_TYPES)}, got {config.MODEL.TYPE!r}")
+    if config.MODEL.TYPE == "damamba":
+        d = config.MODEL.DAMAMBA
+        if not len(d.DIMS) == len(d.DEPTHS) == len(d.MLP_RATIOS):
+            raise ConfigError(f"MODEL.DAMAMBA.DIMS, DEPTHS and MLP_RATIOS need one entry per stage, got "
+                              f"{list(d.DIMS)}, {list(d.DEPTHS)}, {list(d.MLP_RATIOS)}")
+        if d.HEAD_DIM < 1 or any(dim % d.HEAD_DIM for dim in d.DIMS):
+            raise ConfigError(f"MODEL.DAMAMBA.DIMS {list(d.DIMS)} must be multiples of HEAD_DIM ({d.HEAD_DIM})")
+    if config.TRAIN.MESA < 0 or not 0 <= config.TRAIN.MESA_START <= 1:
+        raise ConfigError(f"TRAIN.MESA must be >= 0 and TRAIN.MESA_START in [0, 1], got {config.TRAIN.MESA} and "
+                          f"{config.TRAIN.MESA_START}")
+    if config.TRAIN.MESA > 0 and not config.TRAIN.EMA.ENABLE:
+        raise ConfigError("TRAIN.MESA distils from the EMA model: enable TRAIN.EMA (--model_ema True) or set "
+                          "TRAIN.MESA 0")
     if config.AMP_DTYPE not in AMP_DTYPES:
         raise ConfigError(f"AMP_DTYPE must be one of {', '.join(AMP_DTYPES)}, got {config.AMP_DTYPE!r}")
     if config.DATA.BATCH_SIZE < 1 or config.TRAIN.ACCUMULATION_STEPS < 1:

@@ -1,4 +1,4 @@
-"""Train, evaluate or time DefMamba on ImageNet-layout folders or the embedded MNIST-5k digits.
+"""Train, evaluate or time DefMamba or DAMamba on ImageNet-layout folders or the embedded MNIST-5k digits.
 
 Launch as a single process (`python main.py ...`, GPU or CPU), with `torchrun`, or with
 `python -m torch.distributed.launch` (which passes `--local-rank`). See docs/training.md.
@@ -94,12 +94,13 @@ class UsageError(ValueError):
 def _log_model(model: nn.Module, config: CfgNode, logger: logging.Logger) -> None:
     params = count_params(model)
     try:
-        gflops = count_flops(model, config.DATA.IMG_SIZE, config.MODEL.DEFMAMBA.IN_CHANS)
+        gflops = count_flops(model, config.DATA.IMG_SIZE, models.input_channels(config))
     except Exception as err:  # a FLOPs-tracing problem must not stop training
         logger.warning("GFLOPs not counted: %s", " ".join(str(err).split())[:200])
         gflops = float("nan")
-    logger.info("model %s: %.2fM trainable parameters, %.3f GFLOPs at %d px", config.MODEL.NAME, params / 1e6,
-                gflops, config.DATA.IMG_SIZE)
+    frozen = count_params(model, trainable_only=False) - params
+    logger.info("model %s: %.2fM trainable parameters%s, %.3f GFLOPs at %d px", config.MODEL.NAME, params / 1e6,
+                f" (+{frozen:,} frozen)" if frozen else "", gflops, config.DATA.IMG_SIZE)
 
 
 def _find_auto_resume(output_dir: Path, logger: logging.Logger) -> Optional[Tuple[Path, Dict[str, Any]]]:
@@ -135,7 +136,7 @@ def _run_throughput(config: CfgNode, ctx: DistContext, amp: AmpPolicy, model: nn
     policies = ([amp] if amp.enabled else []) + [AmpPolicy(False, amp.dtype, amp.device_type)]
     for policy in policies:
         speed = measure_throughput(model, config.DATA.BATCH_SIZE, config.DATA.IMG_SIZE,
-                                   config.MODEL.DEFMAMBA.IN_CHANS, policy, ctx.device)
+                                   models.input_channels(config), policy, ctx.device)
         logger.info("throughput (%s, batch %d, %d px): %.1f images/s", policy.label, config.DATA.BATCH_SIZE,
                     config.DATA.IMG_SIZE, speed)
 
@@ -199,7 +200,11 @@ def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Load
     parts = TrainParts(model=wrapped, module=model, loader=loaders.train, optimizer=optimizer, scheduler=scheduler,
                        stepper=stepper, amp=amp, criterion=criterion, mixup=mixup, ema=ema, device=ctx.device,
                        accumulation_steps=config.TRAIN.ACCUMULATION_STEPS, epochs=config.TRAIN.EPOCHS,
-                       print_freq=config.PRINT_FREQ, logger=logger, writer=writer)
+                       print_freq=config.PRINT_FREQ, logger=logger, writer=writer, mesa=config.TRAIN.MESA,
+                       mesa_start_epoch=int(config.TRAIN.MESA_START * config.TRAIN.EPOCHS))
+    if config.TRAIN.MESA > 0:
+        logger.info("MESA: loss += %g x soft-target CE against the EMA's predictions from epoch %d on",
+                    parts.mesa, parts.mesa_start_epoch)
     logger.info("training epochs %d..%d (%d updates per epoch) in %s", start_epoch, config.TRAIN.EPOCHS - 1,
                 updates, output_dir)
     run_start = time.time()

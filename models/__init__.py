@@ -1,20 +1,43 @@
-"""DefMamba models: `build_model(config)` for the trainer, timm names `defmamba_{tiny,small,base}`."""
+"""DefMamba and DAMamba models: `build_model(config)` for the trainer, timm names `defmamba_{tiny,small,base}`
+and `damamba_{tiny,small,base}`."""
 from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from .backbone import BackboneLoadReport, DefMambaBackbone
 from .checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_state_dict
+from .damamba import DABlock, DAMamba, DAStage, damamba_base, damamba_small, damamba_tiny
 from .defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny
 from .selective_scan import selective_scan_fn
 
-__all__ = ["build_model", "DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base",
-           "DefMambaBackbone", "BackboneLoadReport",
-           "CheckpointError", "load_pretrained", "read_checkpoint", "read_state_dict", "selective_scan_fn"]
+__all__ = ["MODEL_TYPES", "build_model", "input_channels", "DefMamba", "DMBlock", "DMStage", "defmamba_tiny",
+           "defmamba_small", "defmamba_base", "DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small",
+           "damamba_base", "DefMambaBackbone", "BackboneLoadReport", "CheckpointError", "load_pretrained",
+           "read_checkpoint", "read_state_dict", "selective_scan_fn"]
+
+# values of MODEL.TYPE
+MODEL_TYPES = ("defmamba", "damamba")
 
 
-def build_model(config: Any) -> DefMamba:
-    """A DefMamba from the yacs config (keys MODEL.* and TRAIN.USE_CHECKPOINT; see config.py)."""
+def input_channels(config: Any) -> int:
+    """Image channels the model built from `config` expects."""
+    return config.MODEL.DAMAMBA.IN_CHANS if config.MODEL.TYPE == "damamba" else config.MODEL.DEFMAMBA.IN_CHANS
+
+
+def build_model(config: Any) -> nn.Module:
+    """The model of MODEL.TYPE from the yacs config (keys MODEL.*, TRAIN.USE_CHECKPOINT; see config.py)."""
+    if config.MODEL.TYPE == "damamba":
+        m = config.MODEL.DAMAMBA
+        return DAMamba(
+            num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, dims=tuple(m.DIMS), depths=tuple(m.DEPTHS),
+            mlp_ratios=tuple(m.MLP_RATIOS), layer_scale_stages=tuple(m.LAYER_SCALE_STAGES),
+            layer_scale_init=m.LAYER_SCALE_INIT, head_dim=m.HEAD_DIM, drop_path_rate=config.MODEL.DROP_PATH_RATE,
+            use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        )
+    if config.MODEL.TYPE != "defmamba":
+        raise ValueError(f"MODEL.TYPE must be one of {', '.join(MODEL_TYPES)}, got {config.MODEL.TYPE!r}")
     m = config.MODEL.DEFMAMBA
     return DefMamba(
         num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=tuple(m.DEPTHS),

@@ -1,12 +1,15 @@
-"""Autograd wrapper of the compiled CUDA selective-scan extension `defmamba_scan_cuda` (kernels/selective_scan)."""
+"""The compiled CUDA selective-scan extension `defmamba_scan_cuda` (kernels/selective_scan), as plain functions.
+
+Autograd and torch.compile support come from the custom op in models/selective_scan_op.py.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
-__all__ = ["CudaScan", "cuda_extension_available", "cuda_extension_error"]
+__all__ = ["cuda_extension_available", "cuda_extension_error", "cuda_state_shape", "cuda_scan_forward",
+           "cuda_scan_backward"]
 
 try:  # built by `pip install --no-build-isolation kernels/selective_scan`
     import defmamba_scan_cuda as _ext
@@ -27,23 +30,28 @@ def cuda_extension_error() -> str:
     return _ext_import_error
 
 
-class CudaScan(torch.autograd.Function):
-    """Autograd wrapper around the `defmamba_scan_cuda` extension (contract in its README)."""
+def cuda_state_shape(batch: int, dim: int, length: int, nstate: int) -> Tuple[int, int, int, int]:
+    """Shape of the fp32 tile states the extension's forward returns (contract in its README)."""
+    tiles = -(-length // 64)
+    return batch, dim, max(tiles - 1, 0), 16 if nstate <= 16 else 64
 
-    @staticmethod
-    def forward(ctx, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
-        u, delta, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta, B, C))
-        out, states = _ext.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, True)
-        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, states)
-        ctx.delta_softplus = delta_softplus
-        return out
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        u, delta, A, B, C, D, delta_bias, states = ctx.saved_tensors
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        du, ddelta, dA, dB, dC, dD, dbias = _ext.bwd(u, delta, A, B, C, D, delta_bias, dy, states,
-                                                     ctx.delta_softplus)
-        return (du, ddelta, dA, dB, dC, dD if D is not None else None,
-                dbias if delta_bias is not None else None, None)
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def cuda_scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+    """(y in fp32, tile states for `cuda_scan_backward`)."""
+    u, delta, B, C = (_last_dim_contiguous(t) for t in (u, delta, B, C))
+    y, states = _ext.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, True)
+    return y, states
+
+
+def cuda_scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor
+                       ) -> Tuple[Optional[Tensor], ...]:
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias); dD / ddelta_bias are None when D / delta_bias are."""
+    u, delta, B, C, dy = (_last_dim_contiguous(t) for t in (u, delta, B, C, dy))
+    grads = _ext.bwd(u, delta, A, B, C, D, delta_bias, dy, states, delta_softplus)
+    return tuple(grads[:5]) + (grads[5] if D is not None else None, grads[6] if delta_bias is not None else None)

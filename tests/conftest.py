@@ -10,7 +10,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter, which must be switched on
+# before anything imports triton (timm does).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:

@@ -5,39 +5,7 @@ import pytest
 import torch
 
 from models.selective_scan import selective_scan_fn, selective_scan_reference
-
-
-def naive_scan(u, delta, A, B, C, D, bias, softplus):
-    """One explicit step per token, float64, differentiated by autograd."""
-    batch, dim, length = u.shape
-    per_group = dim // B.shape[1]
-    Bx = B.repeat_interleave(per_group, dim=1)
-    Cx = C.repeat_interleave(per_group, dim=1)
-    dt = delta if bias is None else delta + bias[:, None]
-    if softplus:
-        dt = torch.log1p(torch.exp(dt))
-    h = torch.zeros(batch, dim, A.shape[1], dtype=u.dtype)
-    ys = []
-    for t in range(length):
-        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[..., None] * Bx[:, :, :, t]
-        y = (h * Cx[:, :, :, t]).sum(-1)
-        if D is not None:
-            y = y + D * u[:, :, t]
-        ys.append(y)
-    return torch.stack(ys, -1)
-
-
-def make_inputs(batch, groups, per_group, nstate, length, with_d, with_bias, seed):
-    gen = torch.Generator().manual_seed(seed)
-    dim = groups * per_group
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    u = r(batch, dim, length)
-    delta = 0.5 * r(batch, dim, length)
-    A = -torch.exp(0.5 * r(dim, nstate))
-    B, C = r(batch, groups, nstate, length), r(batch, groups, nstate, length)
-    D = r(dim) if with_d else None
-    bias = 0.3 * r(dim) if with_bias else None
-    return [u, delta, A, B, C, D, bias]
+from scan_reference import make_inputs, naive_scan
 
 
 CASES = list(itertools.product([1, 5, 37, 64, 101], [1, 16], [1, 3], [True, False], [True, False], [True, False]))

@@ -1,6 +1,6 @@
-"""Parameters and FLOPs of a DefMamba config, counted with fvcore (one multiply-add = one FLOP).
+"""Parameters and FLOPs of a DefMamba or DAMamba config, counted with fvcore (one multiply-add = one FLOP).
 
-    python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba]
+    python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba] [--no-custom-ops]
 
 What is counted (fvcore's rules for linear/conv/einsum/matmul, LayerNorm 5 per element, pooling and
 means 1 per input element) plus handles for the custom operations:
@@ -9,6 +9,12 @@ means 1 per input element) plus handles for the custom operations:
 - point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
 - offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
 - the sort and un-sort of the index offset, elementwise activations and gathers: 0.
+
+DAMamba goes through the same handles: its one raster scan per block (D = C, N = d_state = 1) is counted by
+the same conventions (release: 5.5*B*C*L per block), its dynamic adaptive sampling as the point offset
+(4 per output element, B*C*L per block). `--no-custom-ops` counts the scan and the sampling as 0, as the
+DAMamba release's published GFLOPs (torchprofile) do. Parameters are reported trainable, and in all
+(DAMamba's frozen conv_constant identity kernels are parameters: the release's counts include them).
 """
 from __future__ import annotations
 
@@ -64,8 +70,7 @@ def _per_input_element(inputs: List[Any], outputs: List[Any]) -> float:
 def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     scan = _scan_handle(convention)
     return {
-        "prim::PythonOp._ReferenceScan": scan,
-        "prim::PythonOp.CudaScan": scan,
+        "defmamba::selective_scan": scan,  # the custom op of every scan backend (models/selective_scan_op.py)
         "prim::PythonOp.PointOffsetSample": _per_output_element(4),
         "prim::PythonOp.OffsetBias": _per_output_element(8),
         "prim::PythonOp.IndexOffsetSort": None,
@@ -74,14 +79,17 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     }
 
 
-def count_params(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of trainable parameters, or of all parameters (frozen ones too, e.g. DAMamba's conv_constant)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def count_flops(model: nn.Module, img_size: int, in_chans: int = 3,
-                convention: ScanFlopConvention = ScanFlopConvention.RELEASE) -> float:
-    """GFLOPs of one (in_chans, img_size, img_size) image through `model`, counted on a CPU copy."""
+                convention: ScanFlopConvention = ScanFlopConvention.RELEASE, custom_ops: bool = True) -> float:
+    """GFLOPs of one (in_chans, img_size, img_size) image through `model`, counted on a CPU copy.
+
+    `custom_ops=False` counts the selective scan and the bilinear sampling as 0 (DAMamba's published numbers).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fvcore's import warns about deprecated torch.jit APIs
         from fvcore.nn import FlopCountAnalysis
@@ -91,7 +99,11 @@ def count_flops(model: nn.Module, img_size: int, in_chans: int = 3,
     model.eval()
     try:
         x = torch.zeros(1, in_chans, img_size, img_size, device=device)
-        analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**_handles(convention))
+        handles = _handles(convention)
+        if not custom_ops:
+            # the project's own operations (scan, sampling) count 0; fvcore's aten handles stay
+            handles = {name: (h if name.startswith("aten::") else None) for name, h in handles.items()}
+        analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**handles)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about the Python control flow of the ops
@@ -108,6 +120,8 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--scan-flops", choices=[c.value for c in ScanFlopConvention],
                         default=ScanFlopConvention.RELEASE.value,
                         help="selective-scan counting convention (default: release)")
+    parser.add_argument("--no-custom-ops", action="store_true",
+                        help="count the selective scan and bilinear sampling as 0 (DAMamba's published GFLOPs)")
     return parser.parse_args(argv)
 
 
@@ -115,7 +129,7 @@ def main(argv: List[str]) -> int:
     args = _parse(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from config import ConfigError, get_default_config, load_yaml_config
-    from models import build_model
+    from models import build_model, input_channels
 
     config = get_default_config()
     try:
@@ -128,9 +142,13 @@ def main(argv: List[str]) -> int:
               file=sys.stderr)
         return 2
     model = build_model(config)
-    gflops = count_flops(model, args.img_size, config.MODEL.DEFMAMBA.IN_CHANS, ScanFlopConvention(args.scan_flops))
-    print(f"{config.MODEL.NAME}: params {count_params(model):,} ({count_params(model) / 1e6:.2f} M), "
-          f"{gflops:.3f} GFLOPs at {args.img_size}x{args.img_size} (scan convention: {args.scan_flops})")
+    gflops = count_flops(model, args.img_size, input_channels(config), ScanFlopConvention(args.scan_flops),
+                         custom_ops=not args.no_custom_ops)
+    trainable, total = count_params(model), count_params(model, trainable_only=False)
+    frozen = f", {total:,} with frozen ones" if total != trainable else ""
+    counted = "scan and sampling not counted" if args.no_custom_ops else f"scan convention: {args.scan_flops}"
+    print(f"{config.MODEL.NAME}: params {trainable:,} trainable ({trainable / 1e6:.2f} M){frozen}, "
+          f"{gflops:.3f} GFLOPs at {args.img_size}x{args.img_size} ({counted})")
     return 0
 
 

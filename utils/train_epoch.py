@@ -1,4 +1,4 @@
-"""One training epoch: Mixup, autocast forward, accumulated backward, clipped AMP step, schedule, EMA."""
+"""One training epoch: Mixup, autocast forward, MESA, accumulated backward, clipped AMP step, schedule, EMA."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 from timm.data import Mixup
+from timm.loss import SoftTargetCrossEntropy
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import AverageMeter, ModelEmaV3
 from torch import nn
@@ -21,7 +22,7 @@ from .amp import AmpPolicy, GradStepper
 from .distributed import all_reduce_sum
 from .meters import format_seconds, memory_mb
 
-__all__ = ["NonFiniteError", "TrainParts", "EpochStats", "updates_per_epoch", "train_one_epoch"]
+__all__ = ["NonFiniteError", "TrainParts", "EpochStats", "updates_per_epoch", "mesa_loss", "train_one_epoch"]
 
 
 class NonFiniteError(RuntimeError):
@@ -48,6 +49,12 @@ class TrainParts:
     print_freq: int
     logger: logging.Logger
     writer: Optional[SummaryWriter]
+    # MESA self-distillation: weight (0 = off) and first epoch (0-based); the teacher is `ema`
+    mesa: float = 0.0
+    mesa_start_epoch: int = 0
+
+    def mesa_active(self, epoch: int) -> bool:
+        return self.mesa > 0 and self.ema is not None and epoch >= self.mesa_start_epoch
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,20 @@ def _check_finite(loss: torch.Tensor, epoch: int, idx: int, batches: int) -> flo
     return value
 
 
+_soft_target_ce = SoftTargetCrossEntropy()
+
+
+def mesa_loss(logits: torch.Tensor, teacher: nn.Module, images: torch.Tensor, amp: AmpPolicy) -> torch.Tensor:
+    """MESA term: soft-target cross-entropy of the student logits against softmax(teacher logits).
+
+    The teacher (the EMA model, in eval mode) runs without a graph under the run's autocast dtype, on the
+    same (mixed) images as the student.
+    """
+    with torch.no_grad(), amp.autocast():
+        teacher_logits = teacher(images)
+    return _soft_target_ce(logits.float(), teacher_logits.float().softmax(-1))
+
+
 def train_one_epoch(parts: TrainParts, epoch: int) -> EpochStats:
     """Train `epoch` (0-based); the LR of update u (global count) is set by scheduler.step_update(u)."""
     steps = parts.accumulation_steps
@@ -87,7 +108,8 @@ def train_one_epoch(parts: TrainParts, epoch: int) -> EpochStats:
     batches = updates * steps
     parts.model.train()
     parts.optimizer.zero_grad(set_to_none=True)
-    loss_meter, norm_meter, time_meter = AverageMeter(), AverageMeter(), AverageMeter()
+    loss_meter, norm_meter, time_meter, mesa_meter = AverageMeter(), AverageMeter(), AverageMeter(), AverageMeter()
+    mesa_on = parts.mesa_active(epoch)
     images_seen = 0
     start = end = time.time()
     for idx, (images, targets) in enumerate(parts.loader):
@@ -105,6 +127,10 @@ def train_one_epoch(parts: TrainParts, epoch: int) -> EpochStats:
             with parts.amp.autocast():
                 logits = parts.model(images)
             loss = parts.criterion(logits.float(), targets)
+            if mesa_on:
+                distill = mesa_loss(logits, parts.ema.module, images, parts.amp)
+                mesa_meter.update(distill.item(), targets.shape[0])
+                loss = loss + parts.mesa * distill
             loss_value = _check_finite(loss, epoch, idx, batches)
             parts.stepper.backward(loss / steps)
         if is_update:
@@ -128,11 +154,12 @@ def train_one_epoch(parts: TrainParts, epoch: int) -> EpochStats:
             eta = time_meter.avg * (batches - idx - 1)
             parts.logger.info(
                 "Train: [%d/%d][%d/%d] eta %s lr %.3e wd %.4f time %.3f (%.3f) loss %.4f (%.4f) "
-                "grad_norm %.4f (%.4f) loss_scale %.0f mem %.0fMB",
+                "grad_norm %.4f (%.4f) loss_scale %.0f mem %.0fMB%s",
                 epoch, parts.epochs, idx, batches, format_seconds(eta), lr,
                 parts.optimizer.param_groups[0]["weight_decay"], time_meter.val, time_meter.avg,
                 loss_meter.val, loss_meter.avg, norm_meter.val, norm_meter.avg, parts.stepper.loss_scale,
-                memory_mb(parts.device))
+                memory_mb(parts.device),
+                f" mesa {mesa_meter.val:.4f} ({mesa_meter.avg:.4f})" if mesa_on else "")
             if parts.writer is not None:
                 step = epoch * batches + idx
                 parts.writer.add_scalar("train/loss", loss_value, step)

@@ -1,0 +1,63 @@
+"""Dynamic adaptive sampling of DAMamba (Li et al. 2025, Sec. 3): every token reads its features at a learned
+offset before the scan.
+
+For channel group g (channels g*S .. g*S + S - 1, S = channels per group) the offsets are in feature-map
+pixels, (dx, dy) = (off[..., 2g], off[..., 2g + 1]), unbounded, and
+
+    out[b, c, i, j] = bilinear sample of x[b, c] at (y, x) = (i + dy, j + dx)
+
+with pixel (i, j) at integer coordinates and zeros outside the map, i.e.
+`F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)` with the grid
+x = (2 (j + dx) + 1) / W - 1, y = (2 (i + dy) + 1) / H - 1. The sample of (i, j) stays at (i, j).
+
+The sampling itself is the project's point-offset operation (models/point_offset.py), whose positions are
+normalised (y, x) pairs with align-corners semantics; pixel positions map onto it exactly as
+y_norm = 2 y / (H - 1) - 1. A map one pixel high or wide has no such mapping (H - 1 = 0), so it is padded
+with a zero row/column first: out-of-range neighbours are zero anyway, so values and gradients are unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .point_offset import sample_at_points
+from .precision import to_accumulation
+
+__all__ = ["adaptive_sample", "pixel_offsets_to_positions"]
+
+
+def pixel_offsets_to_positions(offsets: Tensor, height: int, width: int) -> Tensor:
+    """(B, H, W, G, 2) pixel offsets (dx, dy) -> (B, G, H, W, 2) normalised (y, x) align-corners positions.
+
+    `height` / `width` are the sizes of the map that is sampled (at least 2 each; it may be larger than
+    the H x W grid of sample points by the padding of `adaptive_sample`).
+    """
+    offsets = to_accumulation(offsets)  # fp16 pixel positions would be coarse at stage-1 resolution
+    out_h, out_w = offsets.shape[1:3]
+    rows = torch.arange(out_h, device=offsets.device, dtype=offsets.dtype).view(1, -1, 1, 1)
+    cols = torch.arange(out_w, device=offsets.device, dtype=offsets.dtype).view(1, 1, -1, 1)
+    y = (rows + offsets[..., 1]) * (2.0 / (height - 1)) - 1.0
+    x = (cols + offsets[..., 0]) * (2.0 / (width - 1)) - 1.0
+    return torch.stack([y, x], -1).permute(0, 3, 1, 2, 4)
+
+
+def adaptive_sample(x: Tensor, offsets: Tensor) -> Tensor:
+    """Sample x (B, C, H, W) per channel group at its pixel offsets (B, H, W, 2G) -> (B, C, H, W).
+
+    Channel c belongs to group c // (C // G). The result is fp32 (fp64 for fp64 input); gradients flow to
+    x and to the offsets (ordinary bilinear gradients).
+    """
+    batch, channels, height, width = x.shape
+    if offsets.dim() != 4 or offsets.shape[:3] != (batch, height, width) or offsets.shape[3] % 2:
+        raise ValueError(f"offsets must be (B={batch}, H={height}, W={width}, 2G); got {tuple(offsets.shape)}")
+    groups = offsets.shape[3] // 2
+    if groups == 0 or channels % groups:
+        raise ValueError(f"{channels} channels cannot be split into {groups} offset groups")
+    # one zero row/column so that H - 1 and W - 1 are positive (see the module docstring)
+    pad_h, pad_w = int(height == 1), int(width == 1)
+    src = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+    pos = pixel_offsets_to_positions(offsets.reshape(batch, height, width, groups, 2), height + pad_h, width + pad_w)
+    out = sample_at_points(src.reshape(batch * groups, channels // groups, height + pad_h, width + pad_w),
+                           pos.reshape(batch * groups, height, width, 2))
+    return out.view(batch, channels, height, width)
