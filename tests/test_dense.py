@@ -1,0 +1,422 @@
+"""Dense prediction: the DefMamba backbone (keys, ImageNet loading, features) and, with the dense extras installed,
+Mask R-CNN and UperNet built from the real configs, the torchvision route for mmcv's ops, the entry points."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from models import CheckpointError, DefMamba, DefMambaBackbone
+from test_model import official_tiny_keys
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_MM = all(importlib.util.find_spec(m) is not None for m in ("mmengine", "mmcv", "mmdet", "mmseg"))
+needs_mm = pytest.mark.skipif(not HAS_MM, reason="dense extras not installed (pip install -r requirements-dense.txt)")
+
+TINY = dict(embed_dim=8, depths=(1, 1, 1, 1), offset_kernels=(3, 3, 3, 3))
+VARIANTS = {"tiny": (48, (2, 2, 5, 2)), "small": (96, (2, 2, 6, 2)), "base": (96, (2, 3, 16, 2))}
+
+
+# ---------------------------------------------------------------- backbone (no mm* needed)
+
+def test_backbone_keys_are_release_names():
+    """DefMamba-T backbone: classification keys minus classifier.*, plus outnorm{i} of shape [C_i] (spec Sec. 5.2)."""
+    expected = {k: v for k, v in official_tiny_keys().items() if not k.startswith("classifier.")}
+    for i, c in enumerate((48, 96, 192, 384)):
+        expected.update({f"outnorm{i}.weight": [c], f"outnorm{i}.bias": [c]})
+    backbone = DefMambaBackbone(embed_dim=48, depths=(2, 2, 5, 2))
+    got = {k: list(v.shape) for k, v in backbone.state_dict().items()}
+    assert got == expected
+    assert len(got) == 321 - 4 + 8
+    assert backbone.out_channels == [48, 96, 192, 384]
+
+
+def _reference_features(classifier: DefMamba, norms: Dict[int, torch.nn.LayerNorm], x: torch.Tensor) -> List:
+    """Stage outputs before downsampling, written out from the classifier's modules, normalised, NCHW."""
+    x = classifier.patch_embed(x)
+    out = []
+    for i, stage in enumerate(classifier.layers):
+        for block in stage.blocks:
+            x = block(x)
+        if i in norms:
+            out.append(F.layer_norm(x, x.shape[-1:], norms[i].weight, norms[i].bias, 1e-5).permute(0, 3, 1, 2))
+        x = stage.downsample(x)
+    return out
+
+
+def test_imagenet_checkpoint_loads_strictly_except_head_and_new_norms(tmp_path):
+    torch.manual_seed(0)
+    classifier = DefMamba(num_classes=10, drop_path_rate=0.0, **TINY).eval()
+    path = tmp_path / "imagenet.pth"
+    torch.save({"model": classifier.state_dict(), "model_ema": classifier.state_dict()}, path)
+
+    backbone = DefMambaBackbone(out_indices=(1, 2, 3), pretrained=str(path), drop_path_rate=0.0, **TINY).eval()
+    with torch.no_grad():
+        backbone.outnorm2.weight.uniform_(0.5, 1.5)  # a non-trivial norm: must survive loading
+    report = backbone.init_weights()
+    assert report.skipped_head == ["classifier.norm.weight", "classifier.norm.bias",
+                                   "classifier.head.weight", "classifier.head.bias"]
+    assert report.initialised_norms == [f"outnorm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
+    assert report.loaded == len(classifier.state_dict()) - 4
+    assert "classifier.head.weight" in str(report) and "outnorm1.weight" in str(report)
+    for key, value in classifier.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(backbone.state_dict()[key], value), key
+
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = backbone(x)
+        ref = _reference_features(classifier, {i: getattr(backbone, f"outnorm{i}") for i in (1, 2, 3)}, x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
+    for f, r in zip(feats, ref):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_loading_rejects_other_mismatches_without_loading(tmp_path):
+    classifier = DefMamba(num_classes=10, **TINY)
+    backbone = DefMambaBackbone(**TINY)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    state = classifier.state_dict()
+
+    missing = {k: v for k, v in state.items() if k != "layers.1.blocks.0.op.A_logs"}
+    torch.save({"model": missing}, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: layers\.1\.blocks\.0\.op\.A_logs"):
+        backbone.load_imagenet(str(tmp_path / "missing.pth"))
+
+    torch.save({"model": {**state, "extra.weight": torch.zeros(1)}}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match=r"unexpected keys: extra\.weight"):
+        backbone.load_imagenet(str(tmp_path / "extra.pth"))
+
+    wider = DefMamba(num_classes=10, **{**TINY, "embed_dim": 16}).state_dict()
+    torch.save({"model": wider}, tmp_path / "wider.pth")
+    with pytest.raises(CheckpointError, match=r"shape mismatch: patch_embed\.0\.weight"):
+        backbone.load_imagenet(str(tmp_path / "wider.pth"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        backbone.load_imagenet(str(tmp_path / "nothing.pth"))
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, before[key]), f"{key} changed by a failed load"
+
+
+def test_backbone_bad_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="out_indices"):
+        DefMambaBackbone(out_indices=(2, 1), **TINY)
+    with pytest.raises(ValueError, match="out_indices"):
+        DefMambaBackbone(out_indices=(0, 4), **TINY)
+    with pytest.raises(ValueError, match="num_classes"):
+        DefMambaBackbone(num_classes=10, **TINY)
+
+
+def test_models_package_imports_without_mm_packages():
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('mmengine', 'mmcv', 'mmdet', 'mmseg'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import models\n"
+        "b = models.DefMambaBackbone(embed_dim=8, depths=(1, 1, 1, 1), offset_kernels=(3, 3, 3, 3))\n"
+        "assert not {m.split('.')[0] for m in sys.modules} & {'mmengine', 'mmcv', 'mmdet', 'mmseg'}\n"
+        "print(b.out_channels)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[8, 16, 32, 64]"
+
+
+# ---------------------------------------------------------------- mm* (dense extras)
+
+@pytest.fixture(scope="module")
+def dense():
+    import dense as package
+    return package
+
+
+def _config(path: str):
+    from mmengine.config import Config
+    return Config.fromfile(str(REPO / path))
+
+
+DET_CONFIGS = [f"configs/detection/mask-rcnn_defmamba-{v}_fpn_{s}_coco.py" for v in VARIANTS for s in ("1x", "ms-3x")]
+SEG_CONFIGS = [f"configs/segmentation/upernet_defmamba-{v}_8xb2-160k_ade20k-512x512.py" for v in VARIANTS]
+
+
+@needs_mm
+@pytest.mark.parametrize("path", DET_CONFIGS + SEG_CONFIGS)
+def test_configs_carry_the_release_recipe(dense, path):
+    cfg = _config(path)
+    variant = next(v for v in VARIANTS if f"-{v}_" in path)
+    dim, depths = VARIANTS[variant]
+    channels = [dim * 2 ** i for i in range(4)]
+    backbone = cfg.model.backbone
+    assert backbone.type == "DefMambaBackbone" and backbone.embed_dim == dim and tuple(backbone.depths) == depths
+    assert set(backbone) == {"type", "embed_dim", "depths", "drop_path_rate", "out_indices", "pretrained"}
+    assert backbone.pretrained == f"pretrained/defmamba_{variant}.pth"
+    assert "dense" in cfg.custom_imports.imports
+    optim = cfg.optim_wrapper
+    assert optim.optimizer.type == "AdamW" and optim.paramwise_cfg.norm_decay_mult == 0.0
+    assert optim.paramwise_cfg.custom_keys["norm"] == dict(decay_mult=0.0)
+    assert cfg.train_dataloader.batch_size == 2
+    if path.startswith("configs/detection"):
+        assert cfg.default_scope == "mmdet" and cfg.model.type == "MaskRCNN"
+        assert (optim.optimizer.lr, optim.optimizer.weight_decay, backbone.drop_path_rate) == (1e-4, 0.05, 0.2)
+        assert cfg.model.neck.in_channels == channels
+        epochs, milestones = (12, [8, 11]) if "_1x_" in path else (36, [27, 33])
+        assert cfg.train_cfg.max_epochs == epochs and cfg.param_scheduler[1].milestones == milestones
+    else:
+        assert cfg.default_scope == "mmseg" and cfg.model.decode_head.type == "UPerHead"
+        assert (optim.optimizer.lr, optim.optimizer.weight_decay, backbone.drop_path_rate) == (6e-5, 0.01, 0.3)
+        assert cfg.model.decode_head.in_channels == channels and cfg.model.auxiliary_head.in_channels == channels[2]
+        assert cfg.model.decode_head.num_classes == 150 and cfg.train_cfg.max_iters == 160000
+        warmup, poly = cfg.param_scheduler
+        assert (warmup.type, warmup.end, poly.type, poly.power, poly.end) == ("LinearLR", 1500, "PolyLR", 1.0, 160000)
+
+
+def _offset_grads(model) -> List[torch.Tensor]:
+    grads = [p.grad for n, p in model.backbone.named_parameters() if ".DS.conv_offset." in n]
+    assert grads, "no offset-network parameters found"
+    return grads
+
+
+def _train_iteration(model, cfg, data) -> Dict[str, torch.Tensor]:
+    """One iteration as MMEngine's train_step does it, with a look at the gradients before the step."""
+    from mmengine.optim import build_optim_wrapper
+    optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert type(optim_wrapper.optimizer).__name__ == "AdamW"
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = model.data_preprocessor(data, True)
+    losses = model(**batch, mode="loss")
+    loss, log = model.parse_losses(losses)
+    assert torch.isfinite(loss)
+    optim_wrapper.backward(loss)
+    grads = _offset_grads(model)
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0, "the offset network got no gradient"
+    optim_wrapper.step()
+    optim_wrapper.zero_grad()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert any(".DS.conv_offset." in n for n in changed) and any(n.startswith("backbone.outnorm") for n in changed)
+    return log
+
+
+def _images(generator: torch.Generator, size=(64, 64)) -> List[torch.Tensor]:
+    return [torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator) for _ in range(2)]
+
+
+@needs_mm
+def test_mask_rcnn_from_config_trains_and_predicts(dense):
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import InstanceData
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+
+    cfg = _config("configs/detection/mask-rcnn_defmamba-small_fpn_1x_coco.py")
+    cfg.model.backbone.update(pretrained=None, **TINY)
+    cfg.model.neck.in_channels = [8, 16, 32, 64]
+    # fewer RoIs than COCO training uses, to keep the CPU time of the heads small
+    cfg.model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
+    cfg.model.train_cfg.rcnn.sampler.num = 32
+    cfg.model.test_cfg.rcnn.update(score_thr=0.0, max_per_img=5)  # untrained scores are tiny: keep 5 anyway
+    init_default_scope("mmdet")
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert type(model.backbone) is dense.DefMambaBackbone
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 64, 64
+
+    def sample(boxes: List[List[float]], labels: List[int]) -> DetDataSample:
+        s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
+        masks = torch.zeros(len(boxes), h, w, dtype=torch.uint8)
+        for m, (x1, y1, x2, y2) in zip(masks, boxes):
+            m[int(y1):int(y2), int(x1):int(x2)] = 1
+        s.gt_instances = InstanceData(bboxes=torch.tensor(boxes), labels=torch.tensor(labels),
+                                      masks=BitmapMasks(masks.numpy(), h, w))
+        return s
+
+    data = dict(inputs=_images(g), data_samples=[sample([[4, 6, 30, 40], [20, 10, 60, 50]], [3, 17]),
+                                                 sample([[10, 10, 50, 34]], [0])])
+    log = _train_iteration(model, cfg, data)
+    assert {"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask"} <= set(log)
+
+    model.eval()
+    with torch.no_grad():
+        results = model.test_step(data)
+    assert len(results) == 2
+    for result in results:
+        pred = result.pred_instances
+        n = len(pred)
+        assert 0 < n <= 5
+        assert pred.bboxes.shape == (n, 4) and pred.scores.shape == (n,) and pred.labels.shape == (n,)
+        assert pred.masks.shape == (n, h, w) and pred.masks.dtype == torch.bool
+        assert int(pred.labels.min()) >= 0 and int(pred.labels.max()) < 80
+
+
+@needs_mm
+def test_upernet_from_config_trains_and_predicts(dense):
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    cfg = _config("configs/segmentation/upernet_defmamba-small_8xb2-160k_ade20k-512x512.py")
+    cfg.model.backbone.update(pretrained=None, **TINY)
+    cfg.model.decode_head.update(in_channels=[8, 16, 32, 64], channels=32)
+    cfg.model.auxiliary_head.update(in_channels=32, channels=16)
+    cfg.model.data_preprocessor.size = (64, 64)  # pad target of the tiny images (512x512 in the config)
+    init_default_scope("mmseg")
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    assert type(model.backbone) is dense.DefMambaBackbone
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 64, 48
+
+    def sample() -> SegDataSample:
+        s = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(64, 64)))
+        s.gt_sem_seg = PixelData(data=torch.randint(0, 150, (1, h, w), generator=g))
+        return s
+
+    data = dict(inputs=_images(g, (h, w)), data_samples=[sample(), sample()])
+    log = _train_iteration(model, cfg, data)
+    assert {"decode.loss_ce", "aux.loss_ce"} <= set(log)
+
+    model.eval()
+    with torch.no_grad():
+        results = model.test_step(data)
+    assert len(results) == 2
+    for result in results:
+        assert result.seg_logits.data.shape == (150, h, w)
+        assert result.pred_sem_seg.data.shape == (1, h, w)
+        assert torch.equal(result.pred_sem_seg.data[0], result.seg_logits.data.argmax(0))
+
+
+# ---------------------------------------------------------------- the torchvision route for mmcv's ops
+
+def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> List[int]:
+    """Textbook greedy NMS in float64 (box side = x2 - x1)."""
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    b = boxes.double()
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    keep: List[int] = []
+    for i in order:
+        ok = True
+        for j in keep:
+            iw = max(0.0, float(min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0])))
+            ih = max(0.0, float(min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1])))
+            inter = iw * ih
+            if inter / float(area[i] + area[j] - inter) > threshold:
+                ok = False
+                break
+        if ok:
+            keep.append(i)
+    return keep
+
+
+def _roi_align_reference(feat: torch.Tensor, rois: torch.Tensor, size: int, scale: float, ratio: int) -> torch.Tensor:
+    """Aligned RoIAlign ('avg'): mean of ratio x ratio bilinear samples per bin, via F.grid_sample."""
+    _, _, height, width = feat.shape
+    out = []
+    for roi in rois:
+        x1, y1, x2, y2 = (roi[1:] * scale - 0.5).tolist()
+        steps = (torch.arange(size * ratio, dtype=feat.dtype) + 0.5) / (size * ratio)
+        xs, ys = x1 + steps * (x2 - x1), y1 + steps * (y2 - y1)
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        # pixel centre i at coordinate i: normalise for align_corners=True
+        grid = torch.stack((2 * gx / (width - 1) - 1, 2 * gy / (height - 1) - 1), -1)[None]
+        sampled = F.grid_sample(feat[int(roi[0])][None], grid, mode="bilinear", align_corners=True)
+        out.append(F.avg_pool2d(sampled, ratio)[0])
+    return torch.stack(out)
+
+
+@needs_mm
+def test_torchvision_route_matches_independent_references(dense):
+    import mmcv.ops
+    if not dense.ops.using_torchvision_ops():
+        pytest.skip("mmcv's compiled ops are installed: the torchvision route is not in use")
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 80
+    boxes = torch.cat((xy, xy + 10 + torch.rand(60, 2, generator=g) * 30), 1)
+    scores = torch.rand(60, generator=g)
+    dets, keep = mmcv.ops.nms(boxes, scores, 0.4)
+    assert keep.tolist() == _greedy_nms(boxes, scores, 0.4)
+    torch.testing.assert_close(dets[:, 4], scores[keep])
+
+    feat = torch.randn(2, 3, 20, 24, dtype=torch.float64, generator=g)
+    rois = torch.tensor([[0, 8, 6, 60, 40], [1, 20, 12, 84, 70], [0, 30, 30, 44, 52]], dtype=torch.float64)
+    out = mmcv.ops.roi_align(feat, rois, (5, 5), 0.25, 2, "avg", True)
+    torch.testing.assert_close(out, _roi_align_reference(feat, rois, 5, 0.25, 2))
+    feat.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda f: mmcv.ops.roi_align(f, rois, (5, 5), 0.25, 2, "avg", True), (feat,))
+
+
+@needs_mm
+def test_ops_outside_the_torchvision_route_raise_naming_the_op(dense):
+    import mmcv.ops
+    if not dense.ops.using_torchvision_ops():
+        pytest.skip("mmcv's compiled ops are installed: the torchvision route is not in use")
+    conv = mmcv.ops.DeformConv2d(4, 4, 3, padding=1)
+    with pytest.raises(dense.ops.MissingOpError, match="'deform_conv_forward'.*covers only nms, roi_align_forward"):
+        conv(torch.rand(1, 4, 8, 8), torch.zeros(1, 18, 8, 8))
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    with pytest.raises(dense.ops.MissingOpError, match="'nms' with offset=1"):
+        mmcv.ops.nms(boxes, torch.ones(1), 0.5, offset=1)
+    with pytest.raises(dense.ops.MissingOpError, match="'roi_align_forward' with pool_mode='max'"):
+        mmcv.ops.roi_align(torch.rand(1, 2, 8, 8), torch.tensor([[0.0, 1, 1, 6, 6]]), (2, 2), 1.0, 2, "max", True)
+
+
+@needs_mm
+def test_entry_points_parse_and_reject_missing_files(dense, tmp_path, capsys):
+    from dense import test as test_entry
+    from dense import train as train_entry
+    for entry in (train_entry, test_entry):
+        with pytest.raises(SystemExit) as exit_info:
+            entry.main(["--help"])
+        assert exit_info.value.code == 0 and "--cfg-options" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        train_entry.main([str(tmp_path / "none.py")])
+    assert exit_info.value.code == 2 and "config" in capsys.readouterr().err
+    config = str(REPO / SEG_CONFIGS[0])
+    with pytest.raises(SystemExit) as exit_info:
+        test_entry.main([config, str(tmp_path / "none.pth")])
+    assert exit_info.value.code == 2 and "checkpoint" in capsys.readouterr().err
+
+
+@needs_mm
+def test_dense_flops_count_every_scan_through_the_handles(dense):
+    """The two scan conventions differ by exactly sum over scan calls of 6*D*L*N - 1.5*D*L (D = 3 * d_inner)."""
+    from dense.flops import dense_params_and_flops
+    overrides = {"model.backbone": dict(**TINY), "model.decode_head.in_channels": [8, 16, 32, 64],
+                 "model.decode_head.channels": 16, "model.auxiliary_head.in_channels": 32,
+                 "model.auxiliary_head.channels": 8}
+    config = str(REPO / SEG_CONFIGS[0])
+    params, release, shape = dense_params_and_flops(config, (64, 96), "release", overrides)
+    _, vmamba, _ = dense_params_and_flops(config, (64, 96), "vmamba", overrides)
+    assert shape == (64, 96) and release > 0
+    tokens = [(64 // 4 >> i) * (96 // 4 >> i) for i in range(4)]  # one block per stage
+    expected = sum(6 * (3 * 8 * 2 ** i) * n * 16 - 1.5 * (3 * 8 * 2 ** i) * n for i, n in enumerate(tokens))
+    assert math.isclose((vmamba - release) * 1e9, expected, rel_tol=1e-9)
+    backbone = DefMambaBackbone(**TINY)
+    assert params > sum(p.numel() for p in backbone.parameters())
+
+
+@needs_mm
+def test_mmengine_checkpoints_load_through_the_entry_points_loader(dense, tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    from mmengine.runner import CheckpointLoader
+    import dense.runner  # noqa: F401  (registers the local-file loader)
+    path = tmp_path / "epoch_1.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "message_hub": {"loss": HistoryBuffer([1.0, 2.0], [1, 1])},
+                "meta": {"array": np.arange(3)}}, path)
+    loaded = CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
+    assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["meta"]["array"].tolist() == [0, 1, 2]
