@@ -190,6 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from config import ConfigError, get_default_config, load_yaml_config
+    from data.mnist5k import Mnist5kUnavailable
     from data.transforms import build_transform
     from models import CheckpointError, build_model, load_pretrained
 
@@ -205,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         transform = build_transform(config, is_train=False)
         tensor = transform(image)[None]
         scans = scan_summaries(model, tensor, args.block)
-    except (ConfigError, CheckpointError, ValueError, OSError) as err:
+    except (ConfigError, CheckpointError, Mnist5kUnavailable, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # draw on exactly what the model saw: the un-normalised transformed image
