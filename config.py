@@ -13,7 +13,8 @@ from typing import List, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
-__all__ = ["ConfigError", "DATASETS", "AMP_DTYPES", "THIRD_BRANCHES", "get_default_config", "get_config", "load_yaml_config"]
+__all__ = ["ConfigError", "DATASETS", "AMP_DTYPES", "THIRD_BRANCHES", "get_default_config", "get_config",
+           "load_yaml_config"]
 
 # Values accepted by the string-valued keys (validated in `_validate`).
 DATASETS = ("imagenet", "mnist5k")
