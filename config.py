@@ -13,12 +13,13 @@ from typing import List, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
-__all__ = ["ConfigError", "DATASETS", "MODEL_TYPES", "AMP_DTYPES", "get_default_config", "get_config",
-           "load_yaml_config"]
+__all__ = ["ConfigError", "DATASETS", "MODEL_TYPES", "AMP_DTYPES", "THIRD_BRANCHES", "get_default_config",
+           "get_config", "load_yaml_config"]
 
 # Values accepted by the string-valued keys (validated in `_validate`).
 DATASETS = ("imagenet", "mnist5k")
 MODEL_TYPES = ("defmamba", "damamba")
+THIRD_BRANCHES = ("db", "none", "cb", "lb")
 AMP_DTYPES = ("fp16", "bf16")
 
 
@@ -84,6 +85,18 @@ _C.MODEL.DEFMAMBA.DT_RANK = 0
 _C.MODEL.DEFMAMBA.SSM_RATIO = 1.0
 _C.MODEL.DEFMAMBA.MLP_RATIO = 4.0
 _C.MODEL.DEFMAMBA.OFFSET_KERNELS = [9, 7, 5, 3]
+# Ablation switches (paper Tables 4 and 5, configs/ablation/); the defaults are the released model.
+# Scan branches: the forward/backward raster pair, and a third branch: 'db' deformable, 'none',
+# 'cb' continuous (snake) order, 'lb' local order in LOCAL_WINDOW x LOCAL_WINDOW tiles.
+_C.MODEL.DEFMAMBA.FB_BB = True
+_C.MODEL.DEFMAMBA.THIRD_BRANCH = "db"
+_C.MODEL.DEFMAMBA.LOCAL_WINDOW = 7
+# Parts of the deformable branch: point offset (DP), index offset (DT), offset bias (OB), channel
+# attention in the offset network (CA). Parameters a switch leaves unused are not created.
+_C.MODEL.DEFMAMBA.POINT_OFFSET = True
+_C.MODEL.DEFMAMBA.INDEX_OFFSET = True
+_C.MODEL.DEFMAMBA.OFFSET_BIAS = True
+_C.MODEL.DEFMAMBA.CHANNEL_ATTENTION = True
 
 # -----------------------------------------------------------------------------
 # Training
@@ -249,6 +262,14 @@ def _validate(config: CN) -> None:
                           f"TRAIN.EPOCHS ({config.TRAIN.EPOCHS})")
     if config.TRAIN.KEEP_CHECKPOINTS < 1:
         raise ConfigError("TRAIN.KEEP_CHECKPOINTS must be >= 1 (auto-resume needs the last checkpoint)")
+    m = config.MODEL.DEFMAMBA
+    if m.THIRD_BRANCH not in THIRD_BRANCHES:
+        raise ConfigError(f"MODEL.DEFMAMBA.THIRD_BRANCH must be one of {', '.join(THIRD_BRANCHES)}, "
+                          f"got {m.THIRD_BRANCH!r}")
+    if not m.FB_BB and m.THIRD_BRANCH == "none":
+        raise ConfigError("MODEL.DEFMAMBA.FB_BB False needs a THIRD_BRANCH other than 'none' (no scan branch left)")
+    if m.LOCAL_WINDOW < 1:
+        raise ConfigError(f"MODEL.DEFMAMBA.LOCAL_WINDOW must be >= 1, got {m.LOCAL_WINDOW}")
     mixup_on = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0
     if mixup_on and config.DATA.BATCH_SIZE % 2:
         raise ConfigError(f"Mixup/CutMix needs an even DATA.BATCH_SIZE, got {config.DATA.BATCH_SIZE}")

@@ -43,5 +43,7 @@ def build_model(config: Any) -> nn.Module:
         num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=tuple(m.DEPTHS),
         d_state=m.D_STATE, dt_rank=m.DT_RANK, ssm_ratio=m.SSM_RATIO, mlp_ratio=m.MLP_RATIO,
         offset_kernels=tuple(m.OFFSET_KERNELS), drop_path_rate=config.MODEL.DROP_PATH_RATE,
-        use_checkpoint=config.TRAIN.USE_CHECKPOINT,
+        use_checkpoint=config.TRAIN.USE_CHECKPOINT, fb_bb=m.FB_BB, third_branch=m.THIRD_BRANCH,
+        local_window=m.LOCAL_WINDOW, point_offset=m.POINT_OFFSET, index_offset=m.INDEX_OFFSET,
+        offset_bias=m.OFFSET_BIAS, channel_attention=m.CHANNEL_ATTENTION,
     )

@@ -59,7 +59,7 @@ class DMBlock(nn.Module):
     """Deformable Mamba block: x + DropPath(DSSM(LN(x))), then x + DropPath(MLP(LN(x)))."""
 
     def __init__(self, dim: int, kernel_size: int, drop_path: float = 0.0, mlp_ratio: float = 4.0,
-                 d_state: int = 16, dt_rank: int = 0, ssm_ratio: float = 1.0) -> None:
+                 d_state: int = 16, dt_rank: int = 0, ssm_ratio: float = 1.0, **branch_kwargs: Any) -> None:
         """
         Args:
             dim: channels C.
@@ -67,10 +67,11 @@ class DMBlock(nn.Module):
             drop_path: stochastic-depth rate of this block.
             mlp_ratio: hidden width of the FFN relative to C.
             d_state, dt_rank, ssm_ratio: SSM sizes (see DSSM).
+            branch_kwargs: scan-branch and deformable-part switches of the DSSM (ablations; see DSSM).
         """
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.op = DSSM(dim, kernel_size, d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio)
+        self.op = DSSM(dim, kernel_size, d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio, **branch_kwargs)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
@@ -134,7 +135,9 @@ class DefMamba(nn.Module):
                  depths: Sequence[int] = (2, 2, 6, 2), d_state: int = 16, dt_rank: int = 0,
                  ssm_ratio: float = 1.0, mlp_ratio: float = 4.0, offset_kernels: Sequence[int] = (9, 7, 5, 3),
                  drop_rate: float = 0.0, drop_path_rate: float = 0.1, use_checkpoint: bool = False,
-                 global_pool: str = "avg") -> None:
+                 global_pool: str = "avg", fb_bb: bool = True, third_branch: str = "db", local_window: int = 7,
+                 point_offset: bool = True, index_offset: bool = True, offset_bias: bool = True,
+                 channel_attention: bool = True) -> None:
         """
         Args:
             num_classes: classifier outputs (0: no head, forward returns pooled features).
@@ -150,6 +153,10 @@ class DefMamba(nn.Module):
             drop_path_rate: stochastic depth, linearly increasing over all blocks up to this value.
             use_checkpoint: activation checkpointing of every block.
             global_pool: only "avg" is supported (kept for timm's create_model interface).
+            fb_bb, third_branch, local_window: scan branches of every DSSM (paper Table 4; see DSSM);
+                the defaults are the released model (forward + backward + deformable).
+            point_offset, index_offset, offset_bias, channel_attention: parts of the deformable branch
+                (paper Table 5: DP, DT, OB, CA; see DeformableScan); all on in the released model.
         """
         super().__init__()
         if global_pool != "avg":
@@ -161,6 +168,9 @@ class DefMamba(nn.Module):
         dims = [embed_dim * 2 ** i for i in range(self.num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        branch_kwargs = dict(fb_bb=fb_bb, third_branch=third_branch, local_window=local_window,
+                             point_offset=point_offset, index_offset=index_offset, offset_bias=offset_bias,
+                             channel_attention=channel_attention)
 
         self.patch_embed = patch_embed(in_chans, embed_dim)
         self.layers = nn.ModuleList()
@@ -171,7 +181,7 @@ class DefMamba(nn.Module):
             self.layers.append(DMStage(
                 dims[i], None if last else dims[i + 1], depth, offset_kernels[i], rates[start:start + depth],
                 use_checkpoint=use_checkpoint, d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio,
-                mlp_ratio=mlp_ratio))
+                mlp_ratio=mlp_ratio, **branch_kwargs))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
             start += depth
         self.classifier = ClassifierHead(dims[-1], num_classes, drop_rate)

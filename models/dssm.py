@@ -2,35 +2,50 @@
 
     x, z = in_proj(x)                        (no bias)
     x    = SiLU(depthwise 3x3 conv(x))
-    three branches over the same features, scanned by ONE selective-scan call with one B/C group each:
-        forward raster order, backward raster order, deformable order (see deformable_scan.py)
-    y    = mean of the three branch outputs, each back in raster order
+    K branches over the same features, scanned by ONE selective-scan call with one B/C group each:
+        forward raster order, backward raster order (FB-BB), and a third branch: the deformable order
+        (DB, see deformable_scan.py), or for the ablations none, a continuous (CB) or a local (LB) order
+    y    = mean of the K branch outputs, each back in raster order
     out  = out_proj(y * SiLU(z))             (no bias, no output norm, as in the release)
 
-Parameter names and shapes follow the official release so its checkpoints load strictly.
+The default (FB-BB + DB, K = 3) is the released model; parameter names and shapes follow the release so its
+checkpoints load strictly. Every fixed order is a permutation of the raster tokens (scan_orders.py), so the
+scan input is built by one gather (plus the deformable sequence) and the merge back to raster order with
+the mean is one inverse gather and one reduction.
 """
 from __future__ import annotations
 
+import enum
 import math
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .deformable_scan import DeformableScan
-from .index_offset import unsort_tokens
+from .scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
 from .selective_scan import selective_scan_fn
 
-__all__ = ["DSSM"]
+__all__ = ["DSSM", "ThirdBranch"]
 
-NUM_BRANCHES = 3  # forward, backward, deformable
+
+class ThirdBranch(str, enum.Enum):
+    """The scan branch next to the forward/backward pair (paper Table 4)."""
+    DEFORMABLE = "db"
+    NONE = "none"
+    CONTINUOUS = "cb"
+    LOCAL = "lb"
 
 
 class DSSM(nn.Module):
-    """Three-branch selective-scan mixer on channels-last features (B, H, W, C) -> (B, H, W, C)."""
+    """K-branch selective-scan mixer on channels-last features (B, H, W, C) -> (B, H, W, C)."""
 
     def __init__(self, dim: int, kernel_size: int, d_state: int = 16, dt_rank: int = 0, ssm_ratio: float = 1.0,
-                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, fb_bb: bool = True,
+                 third_branch: Union[str, ThirdBranch] = ThirdBranch.DEFORMABLE, local_window: int = 7,
+                 point_offset: bool = True, index_offset: bool = True, offset_bias: bool = True,
+                 channel_attention: bool = True) -> None:
         """
         Args:
             dim: model width C.
@@ -39,12 +54,29 @@ class DSSM(nn.Module):
             dt_rank: rank R of the dt projection; 0 means ceil(C / 16).
             ssm_ratio: d_inner / C.
             dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's dt initialisation).
+            fb_bb: scan the forward and backward raster branches.
+            third_branch: "db" (deformable), "none", "cb" (continuous) or "lb" (local).
+            local_window: tile size of the local order ("lb").
+            point_offset, index_offset, offset_bias, channel_attention: parts of the deformable branch
+                (DP, DT, OB, CA; see deformable_scan.py), used only with third_branch "db".
         """
         super().__init__()
+        try:
+            self.third_branch = ThirdBranch(third_branch)
+        except ValueError:
+            raise ValueError(f"third_branch must be one of {[b.value for b in ThirdBranch]}, "
+                             f"got {third_branch!r}") from None
+        if not fb_bb and self.third_branch is ThirdBranch.NONE:
+            raise ValueError("a DSSM needs at least one scan branch: fb_bb=False needs a third branch")
+        if local_window < 1:
+            raise ValueError(f"local_window must be >= 1, got {local_window}")
+        self.fb_bb, self.local_window = fb_bb, local_window
         d_inner = int(ssm_ratio * dim)
         rank = dt_rank or math.ceil(dim / 16)
         self.d_inner, self.d_state, self.dt_rank = d_inner, d_state, rank
-        k = NUM_BRANCHES
+        deformable = self.third_branch is ThirdBranch.DEFORMABLE
+        self.num_fixed = 2 * fb_bb + (self.third_branch in (ThirdBranch.CONTINUOUS, ThirdBranch.LOCAL))
+        k = self.num_branches = self.num_fixed + deformable
 
         # per-branch projections stacked as raw parameters (the release's layout and names)
         self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
@@ -56,7 +88,8 @@ class DSSM(nn.Module):
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, 3, padding=1, groups=d_inner)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
-        self.DS = DeformableScan(d_inner, kernel_size)
+        self.DS = DeformableScan(d_inner, kernel_size, point_offset, index_offset, offset_bias,
+                                 channel_attention) if deformable else None
         self._init_ssm(dt_min, dt_max, dt_init_floor)
 
     @torch.no_grad()
@@ -72,19 +105,42 @@ class DSSM(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
         self.Ds.fill_(1.0)
 
-    def ssm_parameters(self) -> tuple[str, ...]:
+    def ssm_parameters(self) -> Tuple[str, ...]:
         """Names (relative to this module) of the SSM parameters one may exempt from weight decay."""
-        return ("A_logs", "Ds", "dt_projs_bias", "DS.rpe_table")
+        names = ("A_logs", "Ds", "dt_projs_bias")
+        return names + ("DS.rpe_table",) if self.DS is not None and self.DS.rpe_table is not None else names
+
+    def fixed_orders(self, height: int, width: int, device: torch.device) -> Optional[Tensor]:
+        """(num_fixed, H*W) token orders of the fixed branches, in branch order, or None when there are none."""
+        orders: List[Tensor] = []
+        if self.fb_bb:
+            orders += [raster_order(height, width, device), reversed_order(height, width, device)]
+        if self.third_branch is ThirdBranch.CONTINUOUS:
+            orders.append(continuous_order(height, width, device))
+        elif self.third_branch is ThirdBranch.LOCAL:
+            orders.append(local_order(height, width, self.local_window, device))
+        return torch.stack(orders) if orders else None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
-        length, k, d = height * width, NUM_BRANCHES, self.d_inner
+        length, k, d = height * width, self.num_branches, self.d_inner
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)))                     # (B, D, H, W)
 
+        # scan input (B, K, D, L): one gather for every fixed order, then the deformable sequence
         raster = u.flatten(2)
-        deformed, perm = self.DS(u)
-        xs = torch.stack([raster, raster.flip(-1), deformed.to(raster.dtype)], 1)  # (B, 3, D, L)
+        branches, inverses = [], []
+        orders = self.fixed_orders(height, width, u.device)
+        if orders is not None:
+            kf = orders.shape[0]
+            branches.append(raster[:, None].expand(batch, kf, d, length).gather(
+                3, orders.view(1, kf, 1, length).expand(batch, kf, d, length)))
+            inverses.append(inverse_order(orders).expand(batch, kf, length))
+        if self.DS is not None:
+            deformed, perm = self.DS(u, out_dtype=raster.dtype)  # written in the dtype the scan reads
+            branches.append(deformed[:, None])
+            inverses.append(inverse_order(perm)[:, None])
+        xs = branches[0] if len(branches) == 1 else torch.cat(branches, 1)
 
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
@@ -94,6 +150,10 @@ class DSSM(nn.Module):
             -torch.exp(self.A_logs.float()), Bs, Cs,
             self.Ds.float(), self.dt_projs_bias.float().flatten(), delta_softplus=True,
         ).view(batch, k, d, length)
-        y = (ys[:, 0] + ys[:, 1].flip(-1) + unsort_tokens(ys[:, 2], perm)) / k
+
+        # every branch back to raster order and their mean: one inverse gather, one reduction
+        # (sum then scale rather than mean(), which utils.flops counts as pooling)
+        inverse = inverses[0] if len(inverses) == 1 else torch.cat(inverses, 1)       # (B, K, L)
+        y = ys.gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1).div_(k)
         y = y.view(batch, d, height, width).permute(0, 2, 3, 1)
         return self.out_proj((y * F.silu(z)).to(x.dtype))
