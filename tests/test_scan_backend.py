@@ -66,8 +66,11 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="needs Triton's interpreter")
 def test_forced_triton_with_kernels_compiled_before_the_interpreter(monkeypatch):
     # kernels decorated while TRITON_INTERPRET was unset are GPU kernels, whatever the variable says now
+    import kernels.triton
     name = "kernels.triton.selective_scan"
-    monkeypatch.delitem(sys.modules, name, raising=False)  # restored on teardown
+    # both restored on teardown: `import a.b.c as x` reads the package attribute, not sys.modules
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.delattr(kernels.triton, "selective_scan", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET")
     try:
         import kernels.triton.selective_scan  # noqa: F401
