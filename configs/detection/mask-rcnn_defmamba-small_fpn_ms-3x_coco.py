@@ -1,20 +1,34 @@
 # Mask R-CNN 3x (36 epochs, multi-scale crop) on COCO with DefMamba-S (release: detection/configs/defm, AdamW lr 1e-4, wd 0.05).
 # Train: torchrun --nproc_per_node 8 dense/train.py configs/detection/mask-rcnn_defmamba-small_fpn_ms-3x_coco.py
-_base_ = "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py"
-custom_imports = dict(imports=["dense"], allow_failed_imports=False)
+# The 1x config of the same size (model, optimizer, batch size) with the 3x schedule and the multi-scale + crop
+# training pipeline of MMDetection's Swin-T ms-crop-3x config.
+_base_ = "./mask-rcnn_defmamba-small_fpn_1x_coco.py"
 
-model = dict(
-    backbone=dict(
-        _delete_=True,  # no Swin keys pass through to DefMamba
-        type="DefMambaBackbone",
-        embed_dim=96,
-        depths=(2, 2, 6, 2),
-        drop_path_rate=0.2,
-        out_indices=(0, 1, 2, 3),
-        pretrained="pretrained/defmamba_small.pth",  # ImageNet checkpoint of the release (or of main.py)
+max_epochs = 36
+train_cfg = dict(max_epochs=max_epochs)
+param_scheduler = [
+    _base_.param_scheduler[0],  # linear warm-up over 1000 iterations, unchanged
+    dict(_base_.param_scheduler[1], end=max_epochs, milestones=[27, 33]),
+]
+
+# the fixed (1333, 800) Resize is replaced by a random choice of multi-scale resize, or resize + crop + resize
+train_pipeline = [
+    dict(type="LoadImageFromFile", backend_args=None),
+    dict(type="LoadAnnotations", with_bbox=True, with_mask=True),
+    dict(type="RandomFlip", prob=0.5),
+    dict(
+        type="RandomChoice",
+        transforms=[
+            [dict(type="RandomChoiceResize", scales=[(s, 1333) for s in range(480, 801, 32)], keep_ratio=True)],
+            [
+                dict(type="RandomChoiceResize", scales=[(400, 1333), (500, 1333), (600, 1333)], keep_ratio=True),
+                dict(type="RandomCrop", crop_type="absolute_range", crop_size=(384, 600), allow_negative_crop=True),
+                dict(type="RandomChoiceResize", scales=[(s, 1333) for s in range(480, 801, 32)], keep_ratio=True),
+            ],
+        ],
     ),
-    neck=dict(in_channels=[96, 192, 384, 768]),
-)
-# no weight decay on any LayerNorm (the release's `norm` key misses patch_embed.2/.7 and downsample.3)
-optim_wrapper = dict(paramwise_cfg=dict(norm_decay_mult=0.0))
-train_dataloader = dict(batch_size=2)  # x 8 GPUs = 16 images per iteration
+    dict(type="PackDetInputs"),
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
+# the top-level copy keeps the `_scope_` that mmengine gives the variables of an mmdet:: base
+train_pipeline = [dict(t, _scope_="mmdet") for t in train_pipeline]
