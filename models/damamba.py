@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .damamba_layers import ChannelLayerNorm, ResDWC
 from .dassm import DASSM
@@ -252,15 +253,10 @@ class DAMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if indices is None:
-            wanted = list(range(self.num_stages))
-        elif isinstance(indices, int):
-            wanted = list(range(self.num_stages - indices, self.num_stages))
-        else:
-            wanted = [i % self.num_stages for i in indices]
+        wanted, max_index = feature_take_indices(self.num_stages, indices)
         x = self.stem(x)
         features = []
-        last_needed = max(wanted) if stop_early and intermediates_only else self.num_stages - 1
+        last_needed = max_index if stop_early and intermediates_only else self.num_stages - 1
         for i, stage in enumerate(self.stages[:last_needed + 1]):
             x = self.stage_norm(i)(stage(x))
             if i in wanted:

@@ -21,6 +21,7 @@ from .adaptive_sampling import adaptive_sample
 from .damamba_layers import LN_EPS, ChannelLayerNorm, ToChannelsLast
 from .precision import to_accumulation
 from .selective_scan import selective_scan_fn
+from .ssm_init import init_ssm_parameters
 
 __all__ = ["OffsetNetwork", "DASSM"]
 
@@ -67,20 +68,8 @@ class DASSM(nn.Module):
         self.out_norm = ChannelLayerNorm(dim)
         self.out_proj = nn.Conv2d(dim, dim, 1, bias=False)
         self.da_scan = OffsetNetwork(dim, dim // head_dim)
-        self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
-
-    @torch.no_grad()
-    def reset_ssm_parameters(self, dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4) -> None:
-        """Mamba's initialisation of the raw SSM parameters (the model's generic init skips them)."""
-        nn.init.uniform_(self.x_proj_weight, -self.dim ** -0.5, self.dim ** -0.5)
-        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        # initial step sizes log-uniform in [dt_min, dt_max]; the bias stores softplus^-1(dt)
-        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-real: A[n] = -(n + 1)
-        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
-        self.Ds.fill_(1.0)
+        init_ssm_parameters(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                            dt_min, dt_max, dt_init_floor)
 
     def ssm_parameters(self) -> tuple[str, ...]:
         """Names (relative to this module) of the SSM parameters one may exempt from weight decay."""

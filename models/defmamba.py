@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 
 from .checkpoint import CheckpointError, load_pretrained
 from .dssm import DSSM
@@ -248,15 +249,10 @@ class DefMamba(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if indices is None:
-            wanted = list(range(self.num_stages))
-        elif isinstance(indices, int):
-            wanted = list(range(self.num_stages - indices, self.num_stages))
-        else:
-            wanted = [i % self.num_stages for i in indices]
+        wanted, max_index = feature_take_indices(self.num_stages, indices)
         x = self.patch_embed(x)
         features = []
-        last_needed = max(wanted) if stop_early and intermediates_only else self.num_stages - 1
+        last_needed = max_index if stop_early and intermediates_only else self.num_stages - 1
         for i, stage in enumerate(self.layers[:last_needed + 1]):
             feat = stage.forward_blocks(x)
             if i in wanted:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .deformable_scan import DeformableScan
 from .scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
 from .selective_scan import selective_scan_fn
+from .ssm_init import init_ssm_parameters
 
 __all__ = ["DSSM", "ThirdBranch"]
 
@@ -90,20 +91,8 @@ class DSSM(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.DS = DeformableScan(d_inner, kernel_size, point_offset, index_offset, offset_bias,
                                  channel_attention) if deformable else None
-        self._init_ssm(dt_min, dt_max, dt_init_floor)
-
-    @torch.no_grad()
-    def _init_ssm(self, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
-        bound = self.d_inner ** -0.5
-        nn.init.uniform_(self.x_proj_weight, -bound, bound)      # nn.Linear's default for each branch
-        nn.init.uniform_(self.dt_projs_weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
-        # initial step sizes log-uniform in [dt_min, dt_max]; the bias stores softplus^-1(dt)
-        dt = torch.exp(torch.rand_like(self.dt_projs_bias) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_projs_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-        # S4D-real: A[n] = -(n + 1)
-        self.A_logs.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand_as(self.A_logs))
-        self.Ds.fill_(1.0)
+        init_ssm_parameters(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                            dt_min, dt_max, dt_init_floor)
 
     def ssm_parameters(self) -> Tuple[str, ...]:
         """Names (relative to this module) of the SSM parameters one may exempt from weight decay."""

@@ -24,7 +24,7 @@ import enum
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
