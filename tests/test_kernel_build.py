@@ -27,7 +27,7 @@ def _assert_one_line_error(proc, must_contain):
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1, out
     assert must_contain in errors[0], out
-    assert "pure-PyTorch reference scan" in errors[0], out
+    assert "Triton scan" in errors[0] and "pure-PyTorch reference scan" in errors[0], out
 
 
 def test_setup_without_nvcc_fails_with_one_line():

@@ -5,7 +5,8 @@
 Environment: CUDA_HOME (default: /usr/local/cuda when it exists, else the directory of `nvcc` on
 PATH), TORCH_CUDA_ARCH_LIST (default "8.0;8.6;9.0"), MAX_JOBS (parallel compile jobs).
 When nvcc or a CUDA build of PyTorch is missing the build stops with a one-line error; the model
-keeps working through the pure-PyTorch reference scan in models/selective_scan.py.
+keeps working through the other scan backends of models/selective_scan.py (Triton on a GPU, the
+pure-PyTorch reference scan on the CPU).
 """
 import glob
 import os
@@ -18,7 +19,8 @@ from setuptools import setup
 NAME = "defmamba_scan_cuda"
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;9.0"
-FALLBACK = "the model still works without it through the pure-PyTorch reference scan (models/selective_scan.py)"
+FALLBACK = ("the model still works without it: on a GPU through the Triton scan, elsewhere through the "
+            "pure-PyTorch reference scan (models/selective_scan.py)")
 
 
 def _fail(reason: str) -> None:
