@@ -5,7 +5,8 @@
 What is counted (fvcore's rules for linear/conv/einsum/matmul, LayerNorm 5 per element, pooling and
 means 1 per input element) plus handles for the custom operations:
 - selective scan, convention `release` (default, the official README's numbers):
-  3*B*D*L*N + 2.5*B*D*L with D = K * d_inner (K scan branches, 3 in the released model); convention `vmamba`: 9*B*L*D*N + B*D*L.
+  3*B*D*L*N + 2.5*B*D*L with D = K * d_inner (K scan branches, 3 in the released model);
+  convention `vmamba`: 9*B*L*D*N + B*D*L.
 - point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
 - offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
 - the fused deformable sequence (custom op defmamba::deformable_sequence): the sum of the two above;
