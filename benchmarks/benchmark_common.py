@@ -29,6 +29,14 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(code)
 
 
+def benchmark_device(name: str) -> torch.device:
+    """The device of a benchmark run; a CUDA device without CUDA stops with one line."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        fail("CUDA is not available: this benchmark needs a GPU (--device cpu for a smoke run)")
+    return device
+
+
 def one_line(err: BaseException) -> str:
     """`Type: first line of the message`, for reports that must stay one line per failure."""
     text = str(err).strip().splitlines()

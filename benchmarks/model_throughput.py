@@ -215,9 +215,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        common.fail("CUDA is not available: this benchmark needs a GPU (--device cpu for a smoke run)")
+    device = common.benchmark_device(args.device)
     torch.backends.cudnn.benchmark = True
     env = common.environment(device)
     honoured = {"scan": common.scan_switch_honoured(), "deform": common.deform_switch_honoured()}

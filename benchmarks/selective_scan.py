@@ -152,9 +152,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        common.fail("CUDA is not available: this benchmark needs a GPU (--device cpu for a smoke run)")
+    device = common.benchmark_device(args.device)
     warmup, repeats = args.warmup, args.repeats
     copy_bw = common.copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 24)
     env = common.environment(device)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -86,3 +86,23 @@ def run_main(args: List[str], env: Optional[Dict[str, str]] = None, launcher: Op
     full_env.pop("WORLD_SIZE", None)
     command = (launcher or [sys.executable]) + ["main.py"] + args
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> Dict[str, Tuple[int, int]]:
+    """(size, mtime) of every file below `folder`, to show that a run changed nothing there."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def run_here(capsys: pytest.CaptureFixture):
+    """main.main() in this interpreter (no start-up cost), returning a CompletedProcess like run_main."""
+    import main as trainer
+
+    def run(args: List[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = trainer.main(args)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(["main.py"] + args, code, out, err)
+
+    return run

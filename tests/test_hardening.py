@@ -11,13 +11,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
 from yacs.config import CfgNode
 
-from conftest import REPO, TINY_CONFIG, run_main
+from conftest import REPO, TINY_CONFIG, run_main, snapshot
 from test_selective_scan_reference import make_inputs, naive_scan
 
 RUN = Path("tiny_test") / "default"
@@ -25,25 +25,6 @@ RUN = Path("tiny_test") / "default"
 # CutMix and drop path on, so that every random generator of a training run is exercised
 DEMO_SIZED = TINY_CONFIG.replace("EMBED_DIM: 8", "EMBED_DIM: 16").replace("DEPTHS: [1, 1, 1, 1]",
                                                                           "DEPTHS: [1, 1, 2, 1]")
-
-
-def snapshot(folder: Path) -> Dict[str, Tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture()
-def run_here(capsys: pytest.CaptureFixture):
-    """main.main() in this interpreter, returning a CompletedProcess like run_main."""
-    import main as trainer
-
-    def run(args: List[str]) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = trainer.main(args)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["main.py"] + args, code, out, err)
-
-    return run
 
 
 @pytest.fixture(scope="session")

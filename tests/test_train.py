@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ from yacs.config import CfgNode
 
 import models
 
-from conftest import REPO, run_main
+from conftest import REPO, run_main, snapshot
 
 RUN = Path("tiny_test") / "default"
 EPOCH_LINE = re.compile(r"Epoch (\d+)/(\d+) done .* val acc@1 ([\d.]+)")
@@ -28,25 +28,6 @@ def epochs_done(stdout: str) -> List[int]:
 
 def val_accuracies(text: str, label: str) -> List[str]:
     return re.findall(rf"Val \({label}\): acc@1 ([\d.]+) acc@5 ([\d.]+)", text)
-
-
-def snapshot(folder: Path) -> Dict[str, Tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture()
-def run_here(capsys: pytest.CaptureFixture):
-    """main.main() in this interpreter (no start-up cost), returning a CompletedProcess like run_main."""
-    import main as trainer
-
-    def run(args: List[str]) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        code = trainer.main(args)
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(["main.py"] + args, code, out, err)
-
-    return run
 
 
 def base_args(cfg: Path, digits: Path, output: Path) -> List[str]:
