@@ -27,9 +27,9 @@ from .bilinear import bilinear_sample_backward
 from .deformable_sequence_triton import (deformable_sequence_backward, deformable_sequence_forward,
                                          kernels_interpreted, triton_import_error)
 from .index_offset import sort_tokens
-from .offset_bias import offset_bias, resize_matrix
+from .offset_bias import offset_bias, resize_table, resize_table_backward
 from .point_offset import sample_at_points
-from .precision import accumulation_dtype, common_accumulation_dtype, to_accumulation
+from .precision import common_accumulation_dtype, to_accumulation
 
 __all__ = ["deformable_sequence", "deformable_sequence_reference", "choose_backend"]
 
@@ -113,13 +113,10 @@ def _reference_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Optional[Te
     if need_x or need_pos:  # PointOffsetSample
         dx, dpos = bilinear_sample_backward(x, pos.reshape(batch, -1, 2), dfeat, need_x, need_pos)
     if table is not None and (need_table or need_disp):  # OffsetBias: sample the resized table, resize adjoint
-        dtype = accumulation_dtype(table.dtype)
-        ry = resize_matrix(height, table.shape[-2], dtype, table.device)
-        rx = resize_matrix(width, table.shape[-1], dtype, table.device)
-        resized = ry @ table.to(dtype) @ rx.t()
+        resized, ry, rx = resize_table(table, (height, width))
         dres, ddisp = bilinear_sample_backward(resized.unsqueeze(0), disp.reshape(batch, -1, 2), dfeat,
                                                need_table, need_disp)
-        dtable = None if dres is None else ry.t() @ dres[0].to(dtype) @ rx
+        dtable = None if dres is None else resize_table_backward(dres[0], ry, rx)
     return dx, dpos, dtable, ddisp, dpath
 
 

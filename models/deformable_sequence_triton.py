@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .offset_bias import resize_matrix
+from .offset_bias import resize_table, resize_table_backward
 from .precision import common_accumulation_dtype
 
 __all__ = ["kernels_interpreted", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
@@ -48,11 +48,6 @@ def kernels_interpreted() -> bool:
     return isinstance(_kernels().deformable_sequence_fwd_kernel, InterpretedFunction)
 
 
-def _resize_maps(table: Tensor, height: int, width: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    return (resize_matrix(height, table.shape[-2], dtype, table.device),
-            resize_matrix(width, table.shape[-1], dtype, table.device))
-
-
 def _dense(x: Tensor) -> Tensor:
     """x as is when contiguous or channels-last (the DSSM's conv output on GPUs), else a contiguous copy."""
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
@@ -80,8 +75,7 @@ def deformable_sequence_forward(x: Tensor, pos: Tensor, table: Optional[Tensor],
     acc = common_accumulation_dtype(x, pos, table, disp)
     resized = None
     if table is not None:
-        ry, rx = _resize_maps(table, height, width, acc)
-        resized = (ry @ table.to(acc) @ rx.t()).contiguous()
+        resized = resize_table(table, (height, width), acc)[0].contiguous()
     seq = torch.empty(batch, channels, height * width, dtype=out_dtype, device=x.device)
     x = _dense(x)
     grid, sizes = _launch_args(x)
@@ -105,8 +99,8 @@ def deformable_sequence_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Op
     new = functools.partial(torch.zeros, dtype=acc, device=x.device)
     resized = ry = rx = None
     if has_table:
-        ry, rx = _resize_maps(table, height, width, acc)
-        resized = (ry @ table.to(acc) @ rx.t()).contiguous()
+        resized, ry, rx = resize_table(table, (height, width), acc)
+        resized = resized.contiguous()
     x = _dense(x)
     dx = torch.zeros_like(x, dtype=acc) if need_x else None  # same strides as x
     dpos = new(batch, length, 2) if need_pos else None
@@ -121,6 +115,6 @@ def deformable_sequence_backward(dseq: Tensor, x: Tensor, pos: Tensor, table: Op
         dx, dpos, dres, ddisp, mean_slot, mean_token, *sizes,
         HAS_TABLE=has_table, NEED_X=need_x, NEED_POS=need_pos, NEED_TABLE=need_table, NEED_DISP=need_disp,
         NEED_PATH=need_path, ACC=_tl_dtype(acc), BLOCK_C=BLOCK_C, BLOCK_N=BLOCK_N)
-    dtable = None if dres is None else ry.t() @ dres @ rx  # adjoint of the resize
+    dtable = None if dres is None else resize_table_backward(dres, ry, rx)
     dpath = None if mean_slot is None else mean_slot - mean_token
     return dx, dpos, dtable, ddisp, dpath

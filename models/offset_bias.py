@@ -8,7 +8,7 @@ so the backward to the table is exact and cheap: T_resized = Ry @ T @ Rx^T.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from torch import Tensor
 from .bilinear import bilinear_sample, bilinear_sample_backward
 from .precision import accumulation_dtype
 
-__all__ = ["OffsetBias", "offset_bias", "resize_matrix"]
+__all__ = ["OffsetBias", "offset_bias", "resize_matrix", "resize_table", "resize_table_backward"]
 
 
 def resize_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -33,11 +33,19 @@ def resize_matrix(out_size: int, in_size: int, dtype: torch.dtype, device: torch
     return mat.to(dtype=dtype, device=device)
 
 
-def _resize(table: Tensor, size: Tuple[int, int]) -> Tuple[Tensor, Tensor, Tensor]:
-    dtype = accumulation_dtype(table.dtype)
+def resize_table(table: Tensor, size: Tuple[int, int], dtype: Optional[torch.dtype] = None
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(resized (C, H, W), Ry, Rx): the table resized to `size` as Ry @ T @ Rx^T, in `dtype` (default: the
+    table's accumulation dtype)."""
+    dtype = dtype or accumulation_dtype(table.dtype)
     ry = resize_matrix(size[0], table.shape[-2], dtype, table.device)
     rx = resize_matrix(size[1], table.shape[-1], dtype, table.device)
     return ry @ table.to(dtype) @ rx.t(), ry, rx
+
+
+def resize_table_backward(dresized: Tensor, ry: Tensor, rx: Tensor) -> Tensor:
+    """Adjoint of `resize_table`: the gradient of the (C, h, w) table from that of the resized one."""
+    return ry.t() @ dresized.to(ry.dtype) @ rx
 
 
 class OffsetBias(torch.autograd.Function):
@@ -46,7 +54,7 @@ class OffsetBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, disp: Tensor) -> Tensor:
         batch, height, width = disp.shape[:3]
-        resized, ry, rx = _resize(table, (height, width))
+        resized, ry, rx = resize_table(table, (height, width))
         flat_disp = disp.reshape(batch, height * width, 2)
         out = bilinear_sample(resized.unsqueeze(0), flat_disp)
         ctx.save_for_backward(table, resized, ry, rx, flat_disp)
@@ -60,7 +68,7 @@ class OffsetBias(torch.autograd.Function):
                                                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         dtable = None
         if dres is not None:
-            dtable = (ry.t() @ dres[0].to(ry.dtype) @ rx).to(table.dtype)
+            dtable = resize_table_backward(dres[0], ry, rx).to(table.dtype)
         return dtable, None if ddisp is None else ddisp.view(ctx.disp_shape).to(flat_disp.dtype)
 
 
