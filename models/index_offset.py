@@ -7,8 +7,8 @@ channels, stands in for the gradient of the token positions:
 
     dp[n] = mean_c(dseq[c, n] - dx[c, n])
 
-i.e. the gradient at sequence slot n minus the gradient at spatial token n. After the scan,
-`unsort_tokens` puts the branch output back into raster order (the inverse permutation).
+i.e. the gradient at sequence slot n minus the gradient at spatial token n. After the scan, the DSSM puts
+the branch output back into raster order through the inverse permutation (scan_orders.inverse_order).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["IndexOffsetSort", "TokenUnsort", "sort_tokens", "unsort_tokens"]
+__all__ = ["IndexOffsetSort", "sort_tokens"]
 
 
 class IndexOffsetSort(torch.autograd.Function):
@@ -44,25 +44,6 @@ class IndexOffsetSort(torch.autograd.Function):
         return dx, None if dp is None else dp.to(ctx.p_dtype)
 
 
-class TokenUnsort(torch.autograd.Function):
-    """y (B, C, N) in sorted order -> raster order: out[:, :, perm[n]] = y[:, :, n]."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, perm: Tensor) -> Tensor:
-        ctx.save_for_backward(perm)
-        return torch.empty_like(y).scatter_(2, perm.unsqueeze(1).expand_as(y), y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (perm,) = ctx.saved_tensors
-        return grad.gather(2, perm.unsqueeze(1).expand_as(grad)), None
-
-
 def sort_tokens(x: Tensor, p: Tensor) -> Tuple[Tensor, Tensor]:
     """Functional form of `IndexOffsetSort`."""
     return IndexOffsetSort.apply(x, p)
-
-
-def unsort_tokens(y: Tensor, perm: Tensor) -> Tensor:
-    """Functional form of `TokenUnsort`."""
-    return TokenUnsort.apply(y, perm)

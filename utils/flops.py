@@ -7,9 +7,9 @@ means 1 per input element) plus handles for the custom operations:
 - selective scan, convention `release` (default, the official README's numbers):
   3*B*D*L*N + 2.5*B*D*L with D = K * d_inner (K scan branches, 3 in the released model);
   convention `vmamba`: 9*B*L*D*N + B*D*L.
-- point offset (bilinear sampling): 4 per output element, as fvcore counts grid_sample;
-- offset bias: resize + sampling of the table, 4 + 4 per output element (upsample + grid_sample);
-- the fused deformable sequence (custom op defmamba::deformable_sequence): the sum of the two above;
+- point offset (bilinear sampling, PointOffsetSample): 4 per output element, as fvcore counts grid_sample;
+- the deformable sequence (custom op defmamba::deformable_sequence): the point offset's 4 plus, with an
+  offset-bias table, 4 + 4 per output element for its resize and sampling (upsample + grid_sample);
 - the sort and un-sort of the index offset, elementwise activations and gathers: 0.
 
 DAMamba goes through the same handles: its one raster scan per block (D = C, N = d_state = 1) is counted by
@@ -83,9 +83,6 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     return {
         "defmamba::selective_scan": scan,  # the custom op of every scan backend (models/selective_scan_op.py)
         "prim::PythonOp.PointOffsetSample": _per_output_element(4),
-        "prim::PythonOp.OffsetBias": _per_output_element(8),
-        "prim::PythonOp.IndexOffsetSort": None,
-        "prim::PythonOp.TokenUnsort": None,
         "defmamba::deformable_sequence": _deformable_sequence,
         "aten::mean": _per_input_element,
     }
