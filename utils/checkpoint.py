@@ -21,13 +21,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from models import CheckpointError, load_pretrained, read_checkpoint
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
 from .amp import GradStepper
+from .distributed import all_gather_objects, rank_and_world_size
 
 __all__ = ["BEST_NAME", "BEST_EMA_NAME", "epoch_checkpoint_name", "read_checkpoint", "save_atomic",
            "copy_atomic", "epoch_checkpoints", "prune_epoch_checkpoints", "remove_stale_temporaries",
@@ -105,11 +105,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 def gather_rng_states() -> List[Dict[str, Any]]:
     """Every process's generator states, indexed by rank (a collective: all ranks must call it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [_rng_state()]
-    states: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, _rng_state())
-    return states
+    return all_gather_objects(_rng_state())
 
 
 def training_state(model: nn.Module, ema: Optional[ModelEmaV3], optimizer: torch.optim.Optimizer,
@@ -195,8 +191,7 @@ def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: O
         logger.warning("the LR schedule of %s (%d cosine + %d warm-up updates) differs from this config's "
                        "(%d + %d); the checkpoint's schedule is kept", path, scheduler.t_initial,
                        scheduler.warmup_t, *planned)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank, world_size = rank_and_world_size()
     if len(checkpoint.get("rng", [])) == world_size:
         _set_rng_state(checkpoint["rng"][rank])
         restored.append("RNG states")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "init_distributed", "all_reduce_sum", "barrier", "shutdown_distributed"]
+__all__ = ["DistContext", "init_distributed", "is_distributed", "rank_and_world_size", "all_reduce_sum",
+           "all_gather_objects", "barrier", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,40 @@ def init_distributed(local_rank_arg: Optional[int]) -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def is_distributed() -> bool:
+    """True when this process is in a joined process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size() -> Tuple[int, int]:
+    """(rank, world size) of this process in the joined group; (0, 1) for a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over all processes (a no-op copy for a single process)."""
     tensor = tensor.clone()
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
+def all_gather_objects(obj: Any) -> List[Any]:
+    """Every process's `obj`, indexed by rank (a collective: all ranks must call it); [obj] for one process."""
+    if not is_distributed():
+        return [obj]
+    objects: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def barrier() -> None:
     """Wait for every process (no-op for a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
 def shutdown_distributed() -> None:
     """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.destroy_process_group()
