@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence
 
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, read_state_dict
+from .checkpoint import check_state_dict, read_state_dict
 from .defmamba import DefMamba
 
 __all__ = ["DefMambaBackbone", "BackboneLoadReport"]
@@ -70,14 +70,10 @@ class DefMambaBackbone(DefMamba):
 
     def forward(self, x: Tensor) -> List[Tensor]:  # type: ignore[override]
         """(B, C_in, H, W) -> one (B, C_i, H / 2**(i+2), W / 2**(i+2)) map per index in out_indices."""
-        x = self.patch_embed(x)
-        features = []
-        for i, stage in enumerate(self.layers[:self.out_indices[-1] + 1]):
-            feat = stage.forward_blocks(x)
-            if i in self.out_indices:
-                features.append(getattr(self, f"outnorm{i}")(feat).permute(0, 3, 1, 2).contiguous())
-            x = stage.downsample(feat)
-        return features
+        features = self.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
+                                              output_fmt="NHWC", intermediates_only=True)
+        return [getattr(self, f"outnorm{i}")(feat).permute(0, 3, 1, 2).contiguous()
+                for i, feat in zip(self.out_indices, features)]
 
     def init_weights(self) -> Optional[BackboneLoadReport]:
         """Load `pretrained` if set (the hook MMEngine calls after building a detector/segmentor)."""
@@ -90,22 +86,8 @@ class DefMambaBackbone(DefMamba):
         missing, unexpected or mis-shaped key raises CheckpointError (nothing is loaded then).
         """
         state = read_state_dict(path, use_ema=use_ema)
-        own = self.state_dict()
         skipped = [k for k in state if k.startswith(_HEAD_PREFIX)]
         state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIX)}
-        missing = [k for k in own if k not in state]
-        norms = [k for k in missing if k.startswith("outnorm")]
-        problems = []
-        if len(norms) != len(missing):
-            problems.append("missing keys: " + ", ".join(k for k in missing if k not in norms))
-        unexpected = [k for k in state if k not in own]
-        if unexpected:
-            problems.append("unexpected keys: " + ", ".join(unexpected))
-        shapes = [f"{k} {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and v.shape != own[k].shape]
-        if shapes:
-            problems.append("shape mismatch: " + ", ".join(shapes))
-        if problems:
-            raise CheckpointError(f"checkpoint {path} does not match the backbone: " + "; ".join(problems))
+        norms = check_state_dict(self, state, path, optional_missing=lambda key: key.startswith("outnorm"))
         self.load_state_dict(state, strict=False)
         return BackboneLoadReport(str(path), len(state), skipped, norms)

@@ -8,12 +8,12 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Union
+from typing import Any, Callable, Dict, List, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "load_pretrained"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "check_state_dict", "load_pretrained"]
 
 # The release pickles its yacs config node into checkpoints; allowlisted (process-wide) as a plain
 # OrderedDict so weights_only loading accepts those files without running any yacs code.
@@ -75,11 +75,14 @@ def _summarise(keys: List[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    """Load `path` into `model` strictly; raises CheckpointError naming missing/unexpected/mis-shaped keys."""
-    state = read_state_dict(path, use_ema=use_ema)
+def check_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str,
+                     optional_missing: Callable[[str], bool] = lambda key: False) -> List[str]:
+    """The model keys absent from `state` that `optional_missing` allows; CheckpointError naming every other
+    missing, unexpected or mis-shaped key."""
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    absent = [k for k in own if k not in state]
+    allowed = [k for k in absent if optional_missing(k)]
+    missing = [k for k in absent if not optional_missing(k)]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -92,4 +95,11 @@ def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> None:
         problems.append(f"shape mismatch: {_summarise(shapes, 3)}")
     if problems:
         raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(problems))
+    return allowed
+
+
+def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> None:
+    """Load `path` into `model` strictly; raises CheckpointError naming missing/unexpected/mis-shaped keys."""
+    state = read_state_dict(path, use_ema=use_ema)
+    check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
