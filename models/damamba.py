@@ -14,7 +14,6 @@ import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -22,6 +21,7 @@ from timm.models._features import feature_take_indices
 
 from .damamba_layers import ChannelLayerNorm, ResDWC
 from .dassm import DASSM
+from .layers import run_blocks
 
 __all__ = ["DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small", "damamba_base"]
 
@@ -113,13 +113,7 @@ class DAStage(nn.Module):
         self.blocks = nn.Sequential(*[DABlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.downsample(x)
-        for block in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, self.downsample(x), self.use_checkpoint)
 
 
 class ClassifierHead(nn.Module):

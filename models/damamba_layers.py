@@ -5,17 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ToChannelsLast", "ChannelLayerNorm", "ResDWC"]
+__all__ = ["ChannelLayerNorm", "ResDWC"]
 
 # every LayerNorm of DAMamba uses this eps (spec damamba.md Sec. 5)
 LN_EPS = 1e-6
-
-
-class ToChannelsLast(nn.Module):
-    """(B, C, H, W) -> (B, H, W, C)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
 
 
 class ChannelLayerNorm(nn.Module):

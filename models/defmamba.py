@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.utils.checkpoint
 from torch import Tensor, nn
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -20,22 +19,9 @@ from timm.models._features import feature_take_indices
 
 from .checkpoint import CheckpointError, load_pretrained
 from .dssm import DSSM
+from .layers import ToChannelsFirst, ToChannelsLast, run_blocks
 
 __all__ = ["DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base"]
-
-
-class ToChannelsLast(nn.Module):
-    """(B, C, H, W) -> (B, H, W, C)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 2, 3, 1)
-
-
-class ToChannelsFirst(nn.Module):
-    """(B, H, W, C) -> (B, C, H, W)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
 
 
 def patch_embed(in_chans: int, dim: int) -> nn.Sequential:
@@ -104,12 +90,7 @@ class DMStage(nn.Module):
         self.downsample = downsample(dim, out_dim) if out_dim is not None else nn.Identity()
 
     def forward_blocks(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, x, self.use_checkpoint)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.downsample(self.forward_blocks(x))
