@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
+from models.ops.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -96,14 +96,14 @@ def parse_backends(text: str, allowed: List[str]) -> List[Backend]:
 
 
 def scan_switch_honoured() -> bool:
-    """True when models.selective_scan obeys a forced backend.
+    """True when models.ops.scan obeys a forced backend.
 
     Probe: a forced CUDA scan of CPU tensors cannot succeed, so a front end that obeys the switch raises
     (BackendUnavailable, or the extension's own error). One that predates the switch silently runs its
     automatic choice instead, and its figures would carry the wrong backend's name, so the benchmarks then
     measure `auto` only.
     """
-    from models.selective_scan import selective_scan_fn
+    from models.ops.scan import selective_scan_fn
 
     u = torch.zeros(1, 1, 2)
     B = torch.zeros(1, 1, 1, 2)
@@ -116,14 +116,14 @@ def scan_switch_honoured() -> bool:
 
 
 def deform_switch_honoured() -> Optional[bool]:
-    """True when models.deformable_sequence obeys a forced backend (same probe, forcing Triton on CPU tensors).
+    """True when models.ops.deform obeys a forced backend (same probe, forcing Triton on CPU tensors).
 
     None when the probe cannot decide: Triton's interpreter is on, so forced Triton may legitimately run
     CPU tensors.
     """
     if triton_interpreting():
         return None
-    from models.deformable_sequence import deformable_sequence
+    from models.ops.deform import deformable_sequence
 
     x = torch.zeros(1, 1, 2, 2)
     pos = torch.zeros(1, 2, 2, 2)
@@ -137,7 +137,7 @@ def deform_switch_honoured() -> Optional[bool]:
 
 def environment(device: torch.device) -> Dict[str, Any]:
     """What every result must name: device, torch / CUDA / Triton versions, scan extension state."""
-    from models.selective_scan import cuda_extension_available
+    from models.ops.scan import cuda_extension_available
 
     try:
         import triton

@@ -9,7 +9,7 @@ Measured the way the official figures were (one H100, batch 128, 224 px, one pro
     memory      torch.cuda.max_memory_allocated over the training steps
 
 Each combination of --scan-backend and --deform-backend (or each pair of --configs) is forced through
-models.backends.use_backend; one that raises BackendUnavailable is reported and skipped. --profile N adds
+models.ops.backends.use_backend; one that raises BackendUnavailable is reported and skipped. --profile N adds
 a torch.profiler table of the N kernels with the most CUDA time in one training step. The official figures
 and issue #8's targets are printed next to each measurement (they only compare at batch 128, 224 px, fp16
 AMP on an H100).

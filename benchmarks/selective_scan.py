@@ -2,7 +2,7 @@
 
 For every stage of the chosen model(s) at 224 px (L = 3136/784/196/49 tokens, D = 3 * d_inner channels in
 G = 3 scan groups, N = 16 states) and the chosen batch, each backend is forced through
-models.backends.use_backend("scan", ...) and models.selective_scan.selective_scan_fn is timed (warm-up,
+models.ops.backends.use_backend("scan", ...) and models.ops.scan.selective_scan_fn is timed (warm-up,
 then the median of the repeats):
 
     fwd      the forward with inputs that require grad (what training runs)
@@ -67,10 +67,10 @@ def traffic_bytes(u: torch.Tensor, B: torch.Tensor) -> Tuple[int, int]:
 
 def unavailable_reason(backend: Backend, device: torch.device, honoured: bool) -> Optional[str]:
     """Why `backend` cannot be measured here, or None. Runs one tiny scan under the forced backend."""
-    from models.selective_scan import cuda_extension_available, selective_scan_fn
+    from models.ops.scan import cuda_extension_available, selective_scan_fn
 
     if not honoured:
-        return "models.selective_scan ignores forced backends (front end predates the switch); only auto is timed"
+        return "models.ops.scan ignores forced backends (front end predates the switch); only auto is timed"
     if backend == Backend.CUDA and not cuda_extension_available():
         return "defmamba_scan_cuda is not built (pip install --no-build-isolation kernels/selective_scan)"
     u, delta, A, B, C, D, bias = make_inputs(1, GROUPS, 8, torch.float32, device)
@@ -84,7 +84,7 @@ def unavailable_reason(backend: Backend, device: torch.device, honoured: bool) -
 
 def measure(backend: Backend, batch: int, dim: int, length: int, dtype: torch.dtype, device: torch.device,
             warmup: int, repeats: int, copy_bw: float) -> Dict[str, Any]:
-    from models.selective_scan import selective_scan_fn
+    from models.ops.scan import selective_scan_fn
 
     u, delta, A, B, C, D, bias = make_inputs(batch, dim, length, dtype, device)
     dout = torch.randn(batch, dim, length, device=device)

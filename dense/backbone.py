@@ -7,14 +7,14 @@ from typing import List, Optional
 
 from mmengine.logging import print_log
 
-from models.backbone import BackboneLoadReport
-from models.backbone import DefMambaBackbone as _Backbone
+from models.defmamba.backbone import BackboneLoadReport
+from models.defmamba.backbone import DefMambaBackbone as _Backbone
 
 __all__ = ["DefMambaBackbone", "registered_in"]
 
 
 class DefMambaBackbone(_Backbone):
-    """models.backbone.DefMambaBackbone that reports its ImageNet loading in the MMEngine log.
+    """models.defmamba.backbone.DefMambaBackbone that reports its ImageNet loading in the MMEngine log.
 
     Config keys: out_indices, pretrained (ImageNet checkpoint path, loaded by init_weights), and DefMamba's
     embed_dim, depths, drop_path_rate, d_state, dt_rank, ssm_ratio, mlp_ratio, offset_kernels, use_checkpoint.

@@ -17,7 +17,7 @@ def load_local_checkpoint(filename: str, map_location: Optional[str] = None) -> 
 
     MMEngine 0.10 writes numpy arrays and its message hub into checkpoints, which torch >= 2.6 rejects under
     its weights_only default; these are files the user names. (ImageNet weights for the backbone are read
-    with weights_only=True by models.backbone.)
+    with weights_only=True by models.defmamba.backbone.)
     """
     filename = os.path.expanduser(filename)
     if not os.path.isfile(filename):

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from .backbone import BackboneLoadReport, DefMambaBackbone
+from .defmamba.backbone import BackboneLoadReport, DefMambaBackbone
 from .checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_state_dict
-from .damamba import DABlock, DAMamba, DAStage, damamba_base, damamba_small, damamba_tiny
-from .defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny
-from .selective_scan import selective_scan_fn
+from .damamba.damamba import DABlock, DAMamba, DAStage, damamba_base, damamba_small, damamba_tiny
+from .defmamba.defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny
+from .ops.scan import selective_scan_fn
 
 __all__ = ["MODEL_TYPES", "build_model", "input_channels", "DefMamba", "DMBlock", "DMStage", "defmamba_tiny",
            "defmamba_small", "defmamba_base", "DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small",

@@ -3,7 +3,7 @@ import importlib.util
 
 import torch
 
-from models.backends import triton_interpreting
+from models.ops.backends import triton_interpreting
 
 # where the Triton kernels can run in this test process: compiled on a GPU, else in the interpreter
 # (tests/conftest.py switches it on when there is no GPU), else nowhere

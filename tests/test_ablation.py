@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 import models
 from config import ConfigError, THIRD_BRANCHES, get_config, get_default_config, load_yaml_config
-from models.deformable_scan import DeformableScan, reference_points
-from models.dssm import DSSM, ThirdBranch
-from models.scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
-from models.selective_scan import selective_scan_fn
+from models.defmamba.deformable_scan import DeformableScan, reference_points
+from models.defmamba.dssm import DSSM, ThirdBranch
+from models.defmamba.scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
+from models.ops.scan import selective_scan_fn
 
 ABLATION = sorted(Path("configs/ablation").glob("*.yaml"))
 

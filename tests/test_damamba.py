@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import models
 from config import get_default_config, load_yaml_config
 from models import CheckpointError, DAMamba, load_pretrained
-from models.adaptive_sampling import adaptive_sample
+from models.ops.adaptive import adaptive_sample
 from models.damamba import DABlock
-from models.damamba_layers import ResDWC
-from models.dassm import DASSM
+from models.damamba.layers import ResDWC
+from models.damamba.dassm import DASSM
 
 REPO = Path(__file__).resolve().parents[1]
 # every state_dict key of the released DAMamba-T with its shape, in the release's order (from the spec)

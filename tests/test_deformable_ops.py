@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from models.deformable_scan import DeformableScan, path_reference, reference_points
-from models.index_offset import sort_tokens
-from models.offset_bias import OffsetBias, resize_matrix
-from models.point_offset import PointOffsetSample
-from models.scan_orders import inverse_order
+from models.defmamba.deformable_scan import DeformableScan, path_reference, reference_points
+from models.ops.deform.index_offset import sort_tokens
+from models.ops.deform.offset_bias import OffsetBias, resize_matrix
+from models.ops.deform.point_offset import PointOffsetSample
+from models.defmamba.scan_orders import inverse_order
 
 
 def rand(*shape, seed=0):

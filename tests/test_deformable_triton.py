@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.autograd import gradcheck
 
-from models.backends import BackendUnavailable, use_backend
+from models.ops.backends import BackendUnavailable, use_backend
 from models.defmamba import DefMamba
-from models.deformable_sequence import choose_backend, deformable_sequence, deformable_sequence_reference
+from models.ops.deform import choose_backend, deformable_sequence, deformable_sequence_reference
 
 BACKENDS = ("torch", "triton")
 
@@ -231,7 +231,7 @@ def test_tiny_defmamba_triton_backends_match_torch(forced):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deformable_scan_writes_the_sequence_in_the_scan_dtype(backend):
-    from models.deformable_scan import DeformableScan
+    from models.defmamba.deformable_scan import DeformableScan
     torch.manual_seed(0)
     layer = DeformableScan(4, 3)
     x = torch.randn(2, 4, 5, 7).bfloat16()

@@ -2,7 +2,7 @@
 
 1. Parity: a DefMamba-T with fixed random weights gives on the GPU in fp32 the same logits and parameter
    gradients as the CPU float64 path (pure-PyTorch scan and deformable sequence), for every combination of
-   scan and deformable backends (models.backends.Backend). A forced backend that raises BackendUnavailable
+   scan and deformable backends (models.ops.backends.Backend). A forced backend that raises BackendUnavailable
    is not available on this machine and its case is skipped with that reason; so is a forced backend of an
    operation whose front end does not read the switch yet (it would silently run `auto`).
 2. AMP training: fp16 (with GradScaler) and bf16 steps of DefMamba-T at batch 8, 224 px, stay finite, and
@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers defmamba_tiny with timm)
-from models.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
-from models.deformable_sequence import deformable_sequence  # noqa: E402
-from models.selective_scan import selective_scan_fn  # noqa: E402
+from models.ops.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
+from models.ops.deform import deformable_sequence  # noqa: E402
+from models.ops.scan import selective_scan_fn  # noqa: E402
 
 # With this seed the two closest token positions on any deformable scan path are 2.7e-5 apart (float64),
 # far above fp32 rounding (~1e-6), so the sort cannot order ties differently on the GPU (seed 0: 5e-6,
@@ -48,7 +48,7 @@ CUDA = torch.device("cuda")
 
 
 def switch_ignored(op: str) -> bool:
-    """True when the op's front end predates models.backends and silently runs its automatic choice.
+    """True when the op's front end predates models.ops.backends and silently runs its automatic choice.
 
     Probe: a backend that cannot run CPU tensors (the CUDA scan; Triton without its interpreter) is
     forced on CPU tensors; a front end that obeys the switch raises, one that ignores it returns.

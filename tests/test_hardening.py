@@ -82,7 +82,7 @@ def test_unusable_output_folder_is_one_line_and_exit_2(case: str, tiny_cfg: Path
 _PEAK_SCRIPT = """
 import json, resource, sys, torch
 sys.path.insert(0, {repo!r})
-from models.selective_scan_torch import selective_scan_reference
+from models.ops.scan.reference import selective_scan_reference
 torch.set_num_threads(1)
 batch, groups, per_group, nstate, length = 4, 3, 48, 16, 3136  # DefMamba-T stage 1: D = 3 x 48, 56 x 56
 dim = groups * per_group
@@ -120,7 +120,7 @@ def test_cpu_scan_peak_memory_stays_within_the_budget():
 
 @pytest.mark.parametrize("budget_mb", [0, 1e-4, 0.05])  # all rows at once, one channel per block, batch blocks
 def test_blocked_scan_matches_the_float64_recurrence(budget_mb: float, monkeypatch: pytest.MonkeyPatch):
-    from models import selective_scan_torch
+    from models.ops.scan import reference as selective_scan_torch
 
     monkeypatch.setattr(selective_scan_torch, "MEMORY_BUDGET_MB", budget_mb)
     inputs = make_inputs(3, 3, 4, 16, 37, with_d=True, with_bias=True, seed=7)

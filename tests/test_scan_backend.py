@@ -5,11 +5,11 @@ import sys
 import pytest
 import torch
 
-import models.selective_scan as front
-from models.backends import Backend, BackendUnavailable, use_backend
+import models.ops.scan as front
+from models.ops.backends import Backend, BackendUnavailable, use_backend
 from models.defmamba import DefMamba
-from models.selective_scan import resolve_scan_backend, selective_scan_fn
-from models.selective_scan_cuda import cuda_extension_available
+from models.ops.scan import resolve_scan_backend, selective_scan_fn
+from models.ops.scan.cuda import cuda_extension_available
 from scan_reference import TRITON_DEVICE, make_inputs, naive_scan
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels cannot run here")

@@ -203,11 +203,11 @@ def test_deterministic():
 
 
 def test_autograd_wrapper():
-    """models.selective_scan.selective_scan_fn routes CUDA tensors through the extension."""
-    from models import selective_scan as ss
+    """models.ops.scan.selective_scan_fn routes CUDA tensors through the extension."""
+    from models.ops import scan as ss
 
     if not ss.cuda_extension_available():
-        pytest.skip("models.selective_scan did not import the extension")
+        pytest.skip("models.ops.scan did not import the extension")
     u, delta, A, B, C, D, bias, dout = make_inputs(2, 12, 200, 16, 3, torch.bfloat16, True, True, True, seed=7)
     leaves = [x.clone().requires_grad_(True) for x in (u, delta, A, B, C, D, bias)]
     y = ss.selective_scan_fn(*leaves, delta_softplus=True)

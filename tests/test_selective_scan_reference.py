@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from models.selective_scan import selective_scan_fn, selective_scan_reference
+from models.ops.scan import selective_scan_fn, selective_scan_reference
 from scan_reference import make_inputs, naive_scan
 
 

@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from models.backends import use_backend
-from models.selective_scan import selective_scan_fn
+from models.ops.backends import use_backend
+from models.ops.scan import selective_scan_fn
 from scan_reference import TRITON_DEVICE, make_inputs, naive_scan
 
 if TRITON_DEVICE is None:

@@ -75,7 +75,7 @@ def _to_token_pixels(points: Tensor, height: int, width: int) -> Tensor:
 @torch.no_grad()
 def scan_summaries(model: nn.Module, image: Tensor, block: int = -1) -> List[StageScan]:
     """Runs `model` on `image` (1, 3, S, S) and describes the deformable scan of block `block` of every stage."""
-    from models.deformable_scan import reference_points
+    from models.defmamba.deformable_scan import reference_points
 
     chosen = []
     for i, stage in enumerate(model.layers):

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .deformable_scan import DeformableScan
 from .scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
-from .selective_scan import selective_scan_fn
-from .ssm_init import init_ssm_parameters
+from ..ops.scan import selective_scan_fn
+from ..ssm_init import init_ssm_parameters
 
 __all__ = ["DSSM", "ThirdBranch"]
 

@@ -12,7 +12,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .precision import to_accumulation
+from ..precision import to_accumulation
 
 
 class Corners(NamedTuple):

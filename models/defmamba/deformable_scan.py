@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
-from .deformable_sequence import deformable_sequence
+from ..ops.deform import deformable_sequence
 from .offset_network import OffsetNetwork
 
 __all__ = ["DeformableScan"]

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .point_offset import sample_at_points
-from .precision import to_accumulation
+from ..deform.point_offset import sample_at_points
+from ..precision import to_accumulation
 
 __all__ = ["adaptive_sample", "pixel_offsets_to_positions"]
 

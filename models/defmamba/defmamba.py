@@ -17,9 +17,9 @@ from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .checkpoint import CheckpointError, load_pretrained
+from ..checkpoint import CheckpointError, load_pretrained
 from .dssm import DSSM
-from .layers import ToChannelsFirst, ToChannelsLast, run_blocks
+from ..layers import ToChannelsFirst, ToChannelsLast, run_blocks
 
 __all__ = ["DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base"]
 

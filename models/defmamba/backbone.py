@@ -11,7 +11,7 @@ from typing import Any, List, Optional, Sequence
 
 from torch import Tensor, nn
 
-from .checkpoint import check_state_dict, read_state_dict
+from ..checkpoint import check_state_dict, read_state_dict
 from .defmamba import DefMamba
 
 __all__ = ["DefMambaBackbone", "BackboneLoadReport"]

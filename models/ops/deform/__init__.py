@@ -22,14 +22,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import Backend, BackendUnavailable, get_backend, triton_interpreting
+from ..backends import Backend, BackendUnavailable, get_backend, triton_interpreting
 from .bilinear import bilinear_sample_backward
-from .deformable_sequence_triton import (deformable_sequence_backward, deformable_sequence_forward,
+from .triton import (deformable_sequence_backward, deformable_sequence_forward,
                                          kernels_interpreted, triton_import_error)
 from .index_offset import sort_tokens
 from .offset_bias import offset_bias, resize_table, resize_table_backward
 from .point_offset import sample_at_points
-from .precision import common_accumulation_dtype, to_accumulation
+from ..precision import common_accumulation_dtype, to_accumulation
 
 __all__ = ["deformable_sequence", "deformable_sequence_reference", "choose_backend"]
 

@@ -31,10 +31,10 @@ from typing import Optional, Set, Tuple
 import torch
 from torch import Tensor
 
-from .backends import Backend, BackendUnavailable, get_backend, triton_interpreting
-from .selective_scan_cuda import cuda_extension_available, cuda_extension_error
-from .selective_scan_op import selective_scan_op
-from .selective_scan_torch import selective_scan_reference
+from ..backends import Backend, BackendUnavailable, get_backend, triton_interpreting
+from .cuda import cuda_extension_available, cuda_extension_error
+from .op import selective_scan_op
+from .reference import selective_scan_reference
 
 __all__ = ["selective_scan_fn", "selective_scan_reference", "resolve_scan_backend", "cuda_extension_available"]
 

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .adaptive_sampling import adaptive_sample
-from .damamba_layers import LN_EPS, ChannelLayerNorm
-from .layers import ToChannelsLast
-from .precision import to_accumulation
-from .selective_scan import selective_scan_fn
-from .ssm_init import init_ssm_parameters
+from ..ops.adaptive import adaptive_sample
+from .layers import LN_EPS, ChannelLayerNorm
+from ..layers import ToChannelsLast
+from ..ops.precision import to_accumulation
+from ..ops.scan import selective_scan_fn
+from ..ssm_init import init_ssm_parameters
 
 __all__ = ["OffsetNetwork", "DASSM"]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .bilinear import bilinear_sample, bilinear_sample_backward
-from .precision import accumulation_dtype
+from ..precision import accumulation_dtype
 
 __all__ = ["OffsetBias", "offset_bias", "resize_matrix", "resize_table", "resize_table_backward"]
 

@@ -19,9 +19,9 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .damamba_layers import ChannelLayerNorm, ResDWC
+from .layers import ChannelLayerNorm, ResDWC
 from .dassm import DASSM
-from .layers import run_blocks
+from ..layers import run_blocks
 
 __all__ = ["DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small", "damamba_base"]
 

@@ -22,10 +22,10 @@ from typing import Any, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .backends import Backend
-from .precision import accumulation_dtype
-from .selective_scan_cuda import cuda_scan_backward, cuda_scan_forward, cuda_state_shape
-from .selective_scan_torch import scan_backward, scan_forward
+from ..backends import Backend
+from ..precision import accumulation_dtype
+from .cuda import cuda_scan_backward, cuda_scan_forward, cuda_state_shape
+from .reference import scan_backward, scan_forward
 
 __all__ = ["selective_scan_op"]
 

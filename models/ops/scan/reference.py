@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .precision import accumulation_dtype, to_accumulation
+from ..precision import accumulation_dtype, to_accumulation
 
 __all__ = ["MEMORY_BUDGET_MB", "scan_backward", "scan_forward", "selective_scan_reference"]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .offset_bias import resize_table, resize_table_backward
-from .precision import common_accumulation_dtype
+from ..precision import common_accumulation_dtype
 
 __all__ = ["kernels_interpreted", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
 

@@ -1,0 +1,3 @@
+"""DefMamba (Liu et al., CVPR 2025): the model, its DSSM mixer, the deformable scan and the dense backbone."""
+from .backbone import BackboneLoadReport, DefMambaBackbone
+from .defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny

@@ -1,0 +1,1 @@
+"""Operations with several implementations (selective scan, deformable sequence, adaptive sampling)."""
