@@ -1,1 +1,5 @@
-"""Custom kernels of DefMamba: the CUDA selective-scan extension and Triton kernels."""
+"""Device code only: Triton kernels (triton/) and the CUDA selective-scan extension's sources (selective_scan/).
+
+Their host side (launch configuration, tiling, reductions) is the `triton.py` / `cuda.py` backend of each
+operation under models/ops/.
+"""

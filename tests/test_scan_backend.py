@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-import models.ops.scan as front
+import models.ops.backends as backends
 from models.ops.backends import Backend, BackendUnavailable, use_backend
 from models.defmamba import DefMamba
 from models.ops.scan import resolve_scan_backend, selective_scan_fn
@@ -28,7 +28,7 @@ def _one_line_error(backend, device_type, match):
     with use_backend("scan", backend), pytest.raises(BackendUnavailable, match=match) as info:
         resolve_scan_backend(device_type)
     message = str(info.value)
-    assert "\n" not in message and message.startswith(f"scan backend '{backend}' cannot run")
+    assert "\n" not in message and message.startswith(f"DEFMAMBA_SCAN_BACKEND={backend}: the selective scan cannot run")
     return message
 
 
@@ -67,6 +67,7 @@ def test_forced_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_forced_triton_with_kernels_compiled_before_the_interpreter(monkeypatch):
     # kernels decorated while TRITON_INTERPRET was unset are GPU kernels, whatever the variable says now
     import kernels.triton
+    import kernels.triton.selective_scan  # noqa: F401  the interpreted kernels, so teardown restores them
     name = "kernels.triton.selective_scan"
     # both restored on teardown: `import a.b.c as x` reads the package attribute, not sys.modules
     monkeypatch.delitem(sys.modules, name, raising=False)
@@ -75,18 +76,18 @@ def test_forced_triton_with_kernels_compiled_before_the_interpreter(monkeypatch)
     try:
         import kernels.triton.selective_scan  # noqa: F401
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        _one_line_error("triton", "cpu", "set after the Triton scan kernels were compiled")
+        _one_line_error("triton", "cpu", "set after the kernels of kernels.triton.selective_scan were compiled")
     finally:
         sys.modules.pop(name, None)  # never leave the GPU-kind kernels behind
 
 
 @needs_triton
 def test_forced_triton_runs_the_triton_kernels(monkeypatch):
-    import kernels.triton.selective_scan as kernels
+    import models.ops.scan.triton as host
     calls = []
     for name in ("scan_forward", "scan_backward"):
-        real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+        real = getattr(host, name)
+        monkeypatch.setattr(host, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     monkeypatch.setenv("DEFMAMBA_SCAN_BACKEND", "triton")
     leaves = [t.requires_grad_(True) for t in _inputs(TRITON_DEVICE)]
     y = selective_scan_fn(*leaves)
@@ -100,11 +101,11 @@ def test_forced_triton_runs_the_triton_kernels(monkeypatch):
 
 
 def test_the_choice_is_logged_once(monkeypatch):
-    monkeypatch.setattr(front, "_announced", set())
+    monkeypatch.setattr(backends, "_announced", set())
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("defmamba.scan")
+    logger = logging.getLogger("defmamba.ops")
     previous_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -5,7 +5,7 @@
 Environment: CUDA_HOME (default: /usr/local/cuda when it exists, else the directory of `nvcc` on
 PATH), TORCH_CUDA_ARCH_LIST (default "8.0;8.6;9.0"), MAX_JOBS (parallel compile jobs).
 When nvcc or a CUDA build of PyTorch is missing the build stops with a one-line error; the model
-keeps working through the other scan backends of models/selective_scan.py (Triton on a GPU, the
+keeps working through the other scan backends of models/ops/scan/__init__.py (Triton on a GPU, the
 pure-PyTorch reference scan on the CPU).
 """
 import glob
@@ -20,7 +20,7 @@ NAME = "defmamba_scan_cuda"
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.6;9.0"
 FALLBACK = ("the model still works without it: on a GPU through the Triton scan, elsewhere through the "
-            "pure-PyTorch reference scan (models/selective_scan.py)")
+            "pure-PyTorch reference scan (models/ops/scan/__init__.py)")
 
 
 def _fail(reason: str) -> None:

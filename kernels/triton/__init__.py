@@ -1,1 +1,1 @@
-"""Triton kernels of DefMamba (run compiled on GPUs, or on CPU tensors under TRITON_INTERPRET=1)."""
+"""Triton kernels (run compiled on GPUs, or on CPU tensors under TRITON_INTERPRET=1); hosts in models/ops/*/triton.py."""

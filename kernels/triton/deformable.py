@@ -4,7 +4,7 @@ For batch b, sequence slot n and channel c, with token t = perm[b, n]:
 
     seq[b, c, n] = sample(x[b, c], pos[b, t]) + sample(table[c], disp[b, t])
 
-`sample` is bilinear with the conventions of models/bilinear.py: normalised (y, x) coordinates,
+`sample` is bilinear with the conventions of models/ops/deform/bilinear.py: normalised (y, x) coordinates,
 align-corners (-1 / +1 are the centres of the first / last pixel), zeros outside the image; a non-finite
 coordinate reads the clamped neighbour with a NaN weight so NaN reaches the loss. `table` is the offset-bias
 table already resized to the feature resolution (a fixed linear map applied on the host); x is read through
@@ -18,9 +18,9 @@ The backward kernel runs over the same (batch, slot) tiles, loops over channels 
     dpos, ddisp   channel-summed products of the gradient and the neighbour values (a program owns its tokens:
                   plain stores)
     mean    mean_c dseq[b, :, n], stored at slot n and at token perm[b, n]; the host forms the index-offset
-            surrogate dpath = mean_at_slot - mean_at_token (see models/index_offset.py)
+            surrogate dpath = mean_at_slot - mean_at_token (see models/ops/deform/index_offset.py)
 
-The host wrappers live in models/deformable_sequence_triton.py. Launch: grid (B, cdiv(N, BLOCK_N)).
+Device code only: the host side lives in models/ops/deform/triton.py. Launch: grid (B, cdiv(N, BLOCK_N)).
 """
 from __future__ import annotations
 

@@ -10,36 +10,22 @@ with pixel (i, j) at integer coordinates and zeros outside the map, i.e.
 `F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False)` with the grid
 x = (2 (j + dx) + 1) / W - 1, y = (2 (i + dy) + 1) / H - 1. The sample of (i, j) stays at (i, j).
 
-The sampling itself is the project's point-offset operation (models/point_offset.py), whose positions are
-normalised (y, x) pairs with align-corners semantics; pixel positions map onto it exactly as
-y_norm = 2 y / (H - 1) - 1. A map one pixel high or wide has no such mapping (H - 1 = 0), so it is padded
-with a zero row/column first: out-of-range neighbours are zero anyway, so values and gradients are unchanged.
+Backends (switch "deform" of models.ops.backends, shared with the deformable sequence: DEFMAMBA_DEFORM_BACKEND,
+or set_backend / use_backend), one file each in this package:
+    reference.py  torch   the point-offset sampling of ops/deform at pixel positions: the readable specification;
+    auto: torch (no GPU kernel yet: a forced triton raises BackendUnavailable rather than run the reference).
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..deform.point_offset import sample_at_points
-from ..precision import to_accumulation
+from ..backends import register_operation, resolve
+from .reference import adaptive_sample_reference, pixel_offsets_to_positions
 
 __all__ = ["adaptive_sample", "pixel_offsets_to_positions"]
 
-
-def pixel_offsets_to_positions(offsets: Tensor, height: int, width: int) -> Tensor:
-    """(B, H, W, G, 2) pixel offsets (dx, dy) -> (B, G, H, W, 2) normalised (y, x) align-corners positions.
-
-    `height` / `width` are the sizes of the map that is sampled (at least 2 each; it may be larger than
-    the H x W grid of sample points by the padding of `adaptive_sample`).
-    """
-    offsets = to_accumulation(offsets)  # fp16 pixel positions would be coarse at stage-1 resolution
-    out_h, out_w = offsets.shape[1:3]
-    rows = torch.arange(out_h, device=offsets.device, dtype=offsets.dtype).view(1, -1, 1, 1)
-    cols = torch.arange(out_w, device=offsets.device, dtype=offsets.dtype).view(1, 1, -1, 1)
-    y = (rows + offsets[..., 1]) * (2.0 / (height - 1)) - 1.0
-    x = (cols + offsets[..., 0]) * (2.0 / (width - 1)) - 1.0
-    return torch.stack([y, x], -1).permute(0, 3, 1, 2, 4)
+ADAPTIVE = "adaptive sampling"
+register_operation(ADAPTIVE, "deform", ())
 
 
 def adaptive_sample(x: Tensor, offsets: Tensor) -> Tensor:
@@ -54,10 +40,5 @@ def adaptive_sample(x: Tensor, offsets: Tensor) -> Tensor:
     groups = offsets.shape[3] // 2
     if groups == 0 or channels % groups:
         raise ValueError(f"{channels} channels cannot be split into {groups} offset groups")
-    # one zero row/column so that H - 1 and W - 1 are positive (see the module docstring)
-    pad_h, pad_w = int(height == 1), int(width == 1)
-    src = F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
-    pos = pixel_offsets_to_positions(offsets.reshape(batch, height, width, groups, 2), height + pad_h, width + pad_w)
-    out = sample_at_points(src.reshape(batch * groups, channels // groups, height + pad_h, width + pad_w),
-                           pos.reshape(batch * groups, height, width, 2))
-    return out.view(batch, channels, height, width)
+    resolve(ADAPTIVE, x.device.type)  # refuses a forced backend it lacks; the reference is its only one yet
+    return adaptive_sample_reference(x, offsets)

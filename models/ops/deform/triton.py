@@ -1,51 +1,31 @@
-"""Triton implementation of the deformable sequence: host side of kernels/triton/deformable.py.
+"""Triton backend of the deformable sequence: host side of the kernels in kernels/triton/deformable.py.
 
 The host resizes the offset-bias table (a fixed linear map, Ry @ T @ Rx^T as in offset_bias.py), sorts the
 index-offset path, and launches one fused kernel that writes each token's sampled features (point offset
 plus offset bias) straight into its slot of the sorted sequence. The backward kernel returns dx, dpos,
 d resized table (mapped back to the 7 x 7 table by the adjoint of the resize), ddisp and the channel means
-that make the index-offset surrogate. Autograd and the backend choice live in deformable_sequence.py.
+that make the index-offset surrogate. Autograd and the backend choice live in op.py and __init__.py.
 """
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .offset_bias import resize_table, resize_table_backward
 from ..precision import common_accumulation_dtype
+from .offset_bias import resize_table, resize_table_backward
 
-__all__ = ["kernels_interpreted", "triton_import_error", "deformable_sequence_forward", "deformable_sequence_backward"]
+__all__ = ["deformable_sequence_forward", "deformable_sequence_backward"]
 
 # a program owns 64 sequence slots (so per-token sums need no atomics) and loops over channels 32 at a time
 BLOCK_C = 32
 BLOCK_N = 64
 
-_import_checked: Dict[str, Optional[str]] = {}  # a plain dict, not lru_cache, so torch.compile traces the lookup
-
-
-def triton_import_error() -> Optional[str]:
-    """None when the Triton kernels import, else the reason in one line."""
-    if "error" not in _import_checked:
-        try:
-            import kernels.triton.deformable  # noqa: F401
-            _import_checked["error"] = None
-        except Exception as err:  # ImportError, or a broken Triton install
-            _import_checked["error"] = f"{type(err).__name__}: {err}".splitlines()[0]
-    return _import_checked["error"]
-
-
 def _kernels():
     from kernels.triton import deformable
     return deformable
-
-
-def kernels_interpreted() -> bool:
-    """Whether the kernels were defined under TRITON_INTERPRET=1 (decided when their module is first imported)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_kernels().deformable_sequence_fwd_kernel, InterpretedFunction)
 
 
 def _dense(x: Tensor) -> Tensor:

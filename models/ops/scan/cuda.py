@@ -1,6 +1,6 @@
 """The compiled CUDA selective-scan extension `defmamba_scan_cuda` (kernels/selective_scan), as plain functions.
 
-Autograd and torch.compile support come from the custom op in models/selective_scan_op.py.
+Autograd and torch.compile support come from the custom op in op.py.
 """
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-__all__ = ["cuda_extension_available", "cuda_extension_error", "cuda_state_shape", "cuda_scan_forward",
-           "cuda_scan_backward"]
+__all__ = ["cuda_extension_available", "cuda_extension_error", "cuda_unavailable", "cuda_state_shape",
+           "cuda_scan_forward", "cuda_scan_backward"]
 
 try:  # built by `pip install --no-build-isolation kernels/selective_scan`
     import defmamba_scan_cuda as _ext
@@ -28,6 +28,15 @@ def cuda_extension_available() -> bool:
 def cuda_extension_error() -> str:
     """Why the extension could not be imported ("" when it was)."""
     return _ext_import_error
+
+
+def cuda_unavailable(device_type: str) -> Optional[str]:
+    """Why the extension cannot run `device_type` tensors (None when it can)."""
+    if _ext is None:
+        return f"the defmamba_scan_cuda extension is not installed ({_ext_import_error})"
+    if device_type != "cuda":
+        return f"the CUDA extension needs CUDA tensors, got {device_type}"
+    return None
 
 
 def cuda_state_shape(batch: int, dim: int, length: int, nstate: int) -> Tuple[int, int, int, int]:

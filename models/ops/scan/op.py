@@ -6,7 +6,7 @@
 
 torch.compile sees two opaque ops with fake (shape-only) implementations, so a DefMamba traces without
 graph breaks at the scan whichever backend runs it; autograd is registered on the forward op. `backend`
-is a `models.backends.Backend` value chosen by the front end (models/selective_scan.py), which also checks
+is a `models.ops.backends.Backend` value chosen by the front end (__init__.py), which also checks
 the shapes. `saved` is what that backend's backward needs, so no (batch, D, L, N) tensor is kept:
 
     cuda    the extension's fp32 tile states (batch, D, ceil(L/64) - 1, 16 or 64)
@@ -33,7 +33,7 @@ Grads = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _triton():
-    import kernels.triton.selective_scan as triton_scan  # imported on first use: it imports triton
+    from . import triton as triton_scan  # imported on first use: it imports triton
     return triton_scan
 
 

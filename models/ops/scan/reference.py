@@ -1,6 +1,6 @@
 """Pure-PyTorch selective scan: the readable specification of the S6 scan and the CPU implementation.
 
-Shapes and math are those of `models.selective_scan` (the front end that chooses an implementation).
+Shapes and math are those of `models.ops.scan` (the front end that chooses an implementation).
 The scan keeps no autograd graph: its backward recomputes the states and runs the adjoint recurrence.
 Its peak memory is bounded by MEMORY_BUDGET_MB (env DEFMAMBA_SCAN_MEMORY_MB), whatever the batch.
 """
