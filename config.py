@@ -13,13 +13,13 @@ from typing import List, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
+from models import MODEL_TYPES, THIRD_BRANCHES  # the models define the values these keys take
+
 __all__ = ["ConfigError", "DATASETS", "MODEL_TYPES", "AMP_DTYPES", "THIRD_BRANCHES", "get_default_config",
            "get_config", "load_yaml_config"]
 
 # Values accepted by the string-valued keys (validated in `_validate`).
 DATASETS = ("imagenet", "mnist5k")
-MODEL_TYPES = ("defmamba", "damamba")
-THIRD_BRANCHES = ("db", "none", "cb", "lb")
 AMP_DTYPES = ("fp16", "bf16")
 
 
@@ -63,7 +63,7 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_PATH_RATE = 0.1
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-# DAMamba (MODEL.TYPE damamba); defaults are DAMamba-T, spec damamba.md Sec. 1.
+# DAMamba (MODEL.TYPE damamba); defaults are DAMamba-T as released.
 _C.MODEL.DAMAMBA = CN()
 _C.MODEL.DAMAMBA.IN_CHANS = 3
 _C.MODEL.DAMAMBA.DIMS = [80, 160, 320, 512]

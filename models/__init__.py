@@ -1,23 +1,28 @@
-"""DefMamba and DAMamba models: `build_model(config)` for the trainer, timm names `defmamba_{tiny,small,base}`
-and `damamba_{tiny,small,base}`."""
+"""The model families, one folder each (defmamba/, damamba/), on the shared timm base (base.py, layers.py),
+the ops they run (ops/) and strict checkpoint loading (checkpoint.py).
+
+`build_model(config)` for the trainer; timm names `defmamba_{tiny,small,base}` and `damamba_{tiny,small,base}`
+(registered on import).
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from torch import nn
 
-from .defmamba.backbone import BackboneLoadReport, DefMambaBackbone
 from .checkpoint import CheckpointError, load_pretrained, read_checkpoint, read_state_dict
-from .damamba.damamba import DABlock, DAMamba, DAStage, damamba_base, damamba_small, damamba_tiny
-from .defmamba.defmamba import DefMamba, DMBlock, DMStage, defmamba_base, defmamba_small, defmamba_tiny
-from .ops.scan import selective_scan_fn
+from .damamba import DABlock, DAMamba, DAStage, damamba_base, damamba_small, damamba_tiny
+from .defmamba import (BackboneLoadReport, DefMamba, DefMambaBackbone, DMBlock, DMStage, defmamba_base,
+                       defmamba_small, defmamba_tiny)
+from .defmamba.dssm import THIRD_BRANCHES
+from .ops import selective_scan_fn
 
-__all__ = ["MODEL_TYPES", "build_model", "input_channels", "DefMamba", "DMBlock", "DMStage", "defmamba_tiny",
-           "defmamba_small", "defmamba_base", "DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small",
-           "damamba_base", "DefMambaBackbone", "BackboneLoadReport", "CheckpointError", "load_pretrained",
-           "read_checkpoint", "read_state_dict", "selective_scan_fn"]
+__all__ = ["MODEL_TYPES", "THIRD_BRANCHES", "build_model", "input_channels", "DefMamba", "DMBlock", "DMStage",
+           "defmamba_tiny", "defmamba_small", "defmamba_base", "DAMamba", "DABlock", "DAStage", "damamba_tiny",
+           "damamba_small", "damamba_base", "DefMambaBackbone", "BackboneLoadReport", "CheckpointError",
+           "load_pretrained", "read_checkpoint", "read_state_dict", "selective_scan_fn"]
 
-# values of MODEL.TYPE
+# values of MODEL.TYPE (config.py reads them from here)
 MODEL_TYPES = ("defmamba", "damamba")
 
 

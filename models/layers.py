@@ -1,13 +1,13 @@
-"""Small layers shared by the DefMamba and DAMamba model files: layout permutes and checkpointed blocks."""
+"""Layers shared by the model families: layout permutes, checkpointed blocks and the pooled classifier head."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-__all__ = ["ToChannelsLast", "ToChannelsFirst", "run_blocks"]
+__all__ = ["ToChannelsLast", "ToChannelsFirst", "run_blocks", "PoolHead"]
 
 
 class ToChannelsLast(nn.Module):
@@ -32,3 +32,58 @@ def run_blocks(blocks: Iterable[nn.Module], x: Tensor, use_checkpoint: bool) -> 
         else:
             x = block(x)
     return x
+
+
+class PoolHead(nn.Module):
+    """[norm] -> global average pool -> dropout -> linear, on NCHW or NHWC maps.
+
+    `pool_type` "" keeps the map (timm's `reset_classifier(0, "")`; with classes, logits per pixel in the map's
+    layout); the linear layer is registered under
+    `fc_name`, the release's name for it, so checkpoints load (`linear` is the layer whatever its name).
+    """
+
+    def __init__(self, dim: int, num_classes: int, pool_type: str = "avg", drop_rate: float = 0.0,
+                 channels_last: bool = False, norm: Optional[nn.Module] = None, fc_name: str = "fc") -> None:
+        """
+        Args:
+            dim: channels of the feature map.
+            num_classes: outputs of the linear layer (0: none).
+            pool_type: "avg" or "" (no pooling).
+            drop_rate: dropout before the linear layer.
+            channels_last: the maps are (B, H, W, C) rather than (B, C, H, W).
+            norm: module applied to the map before pooling (channels-last maps only), or None.
+            fc_name: attribute name of the linear layer.
+        """
+        super().__init__()
+        if norm is not None and not channels_last:
+            raise ValueError("PoolHead normalises channels-last maps only")
+        self.dim, self.channels_last, self.fc_name = dim, channels_last, fc_name
+        self.norm = norm
+        self.drop = nn.Dropout(drop_rate)
+        self.pool_type = ""
+        self.reset(num_classes, pool_type)
+
+    @property
+    def linear(self) -> nn.Module:
+        return getattr(self, self.fc_name)
+
+    def reset(self, num_classes: int, pool_type: Optional[str] = None, device: Optional[torch.device] = None,
+              dtype: Optional[torch.dtype] = None) -> None:
+        """A new linear layer for `num_classes` (0: identity) and, if given, a new pool type."""
+        if pool_type is not None:
+            if pool_type not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {pool_type!r}")
+            self.pool_type = pool_type
+        linear = nn.Linear(self.dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        self.add_module(self.fc_name, linear)
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.pool_type:
+            x = x.mean((1, 2) if self.channels_last else (2, 3))
+        if pre_logits:
+            return x
+        if self.pool_type or self.channels_last:
+            return self.linear(self.drop(x))
+        return self.linear(self.drop(x).movedim(1, -1)).movedim(-1, 1)  # no pooling: logits per pixel, NCHW

@@ -4,24 +4,23 @@ A 4-stage hierarchical backbone, channels-first (B, C, H, W) throughout:
 
     stem (4 convs, stride 4) -> [DAStage: (3x3/2 conv + BN downsample,) DAMamba blocks; LN] x 4 -> pool, head
 
-The token mixer is DASSM (models/dassm.py), whose learned per-pixel offsets move every token's sampling
-point before one raster-order scan (models/adaptive_sampling.py). Module names and parameter shapes follow
-the official release, so its ImageNet checkpoints load strictly (models/checkpoint.py); spec damamba.md.
+The token mixer is DASSM (dassm.py), whose learned per-pixel offsets move every token's sampling point
+before one raster-order scan (models/ops/adaptive). Module names and parameter shapes follow the official
+release, so its ImageNet checkpoints load strictly (models/checkpoint.py).
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from timm.layers import DropPath, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath
+from timm.models import generate_default_cfgs, register_model
 
-from .layers import ChannelLayerNorm, ResDWC
+from ..base import StagedModel, create_variant, default_cfg
+from ..layers import PoolHead, run_blocks
 from .dassm import DASSM
-from ..layers import run_blocks
+from .layers import ChannelLayerNorm, ResDWC
 
 __all__ = ["DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small", "damamba_base"]
 
@@ -116,21 +115,12 @@ class DAStage(nn.Module):
         return run_blocks(self.blocks, self.downsample(x), self.use_checkpoint)
 
 
-class ClassifierHead(nn.Module):
-    """Global average pool -> dropout -> linear (names head.fc.*)."""
+class DAMamba(StagedModel):
+    """DAMamba classifier / backbone with timm's model interface (see models/base.py)."""
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean((2, 3))
-        return x if pre_logits else self.fc(self.drop(x))
-
-
-class DAMamba(nn.Module):
-    """DAMamba classifier / backbone (timm-style: forward_features, forward_head, forward_intermediates)."""
+    output_fmt = "NCHW"
+    head_name = "head"
+    init_convs = True
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, dims: Sequence[int] = (80, 160, 320, 512),
                  depths: Sequence[int] = (3, 4, 12, 5), mlp_ratios: Sequence[float] = (4, 4, 3, 3),
@@ -150,18 +140,15 @@ class DAMamba(nn.Module):
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, linearly increasing over all blocks up to this value.
             use_checkpoint: activation checkpointing of every block.
-            global_pool: only "avg" is supported (kept for timm's create_model interface).
+            global_pool: "avg", or "" for a head that returns the unpooled map (with num_classes=0).
         """
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"DAMamba only supports global_pool='avg', got {global_pool!r}")
         if not len(dims) == len(depths) == len(mlp_ratios):
             raise ValueError(f"dims, depths and mlp_ratios need one entry per stage; got {list(dims)}, "
                              f"{list(depths)}, {list(mlp_ratios)}")
         if any(s < 0 or s >= len(depths) for s in layer_scale_stages):
             raise ValueError(f"layer_scale_stages {list(layer_scale_stages)} name stages outside 0..{len(depths) - 1}")
-        self.num_classes = num_classes
-        self.num_stages = len(depths)
+        self.num_classes, self.in_chans = num_classes, in_chans
         self.num_features = self.head_hidden_size = dims[-1]
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: buildable on meta
 
@@ -178,103 +165,36 @@ class DAMamba(nn.Module):
             self.add_module(f"norm{i + 1}", ChannelLayerNorm(dims[i]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"norm{i + 1}"))
             start += depth
-        self.head = ClassifierHead(dims[-1], num_classes, drop_rate)
+        self.head = PoolHead(dims[-1], num_classes, global_pool, drop_rate)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # conv/linear/norm modules only: DASSM initialises its raw SSM parameters itself
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    def stage_modules(self) -> nn.ModuleList:
+        return self.stages
+
+    def prune_stages(self, keep: int) -> None:
+        for i in range(keep, len(self.stages)):
+            delattr(self, f"norm{i + 1}")
+        del self.stages[keep:]
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.stem(x)
+
+    def forward_stage(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+        x = self.stage_norm(index)(self.stages[index](x))
+        return x, x
 
     def stage_norm(self, index: int) -> ChannelLayerNorm:
         """The LayerNorm applied after stage `index` (0-based), named norm{index + 1}."""
         return getattr(self, f"norm{index + 1}")
 
-    def ssm_no_weight_decay(self) -> set[str]:
-        """Names of the A_logs, Ds and dt_projs_bias parameters (the optional no-decay group)."""
-        names = set()
-        for prefix, module in self.named_modules():
-            if isinstance(module, DASSM):
-                names.update(f"{prefix}.{name}" for name in module.ssm_parameters())
-        return names
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.use_checkpoint = enable
+# No hub weights: official checkpoints are loaded from a local file (models.base.create_variant).
+default_cfgs = generate_default_cfgs({
+    name: default_cfg(interpolation="bicubic", first_conv="stem.0", classifier="head.fc")
+    for name in ("damamba_tiny", "damamba_small", "damamba_base")})
 
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> normalised last-stage features (B, C_last, H/32, W/32)."""
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            x = self.stage_norm(i)(stage(x))
-        return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Per-stage outputs after their norm{i+1} (the release's detection backbone), timm's feature-getter API.
-
-        Args:
-            indices: stage indices to return, or an int n for the last n stages; default all.
-            norm: unused (the stage outputs are always normalised, as in the release).
-            stop_early: stop after the last requested stage (only with intermediates_only).
-            output_fmt: "NCHW" or "NHWC".
-            intermediates_only: return only the list of features.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        wanted, max_index = feature_take_indices(self.num_stages, indices)
-        x = self.stem(x)
-        features = []
-        last_needed = max_index if stop_early and intermediates_only else self.num_stages - 1
-        for i, stage in enumerate(self.stages[:last_needed + 1]):
-            x = self.stage_norm(i)(stage(x))
-            if i in wanted:
-                features.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return features
-        return x, features
-
-
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                interpolation="bicubic", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="stem.0", classifier="head.fc", **kwargs)
-
-
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> DAMamba:
-    return build_model_with_cfg(DAMamba, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
-
-
-# No hub weights: official checkpoints are loaded from a file with models.load_pretrained.
-default_cfgs = generate_default_cfgs({name: _cfg() for name in ("damamba_tiny", "damamba_small", "damamba_base")})
-
-# Official variants (spec damamba.md Sec. 1). Drop-path rates are the release's ImageNet training values.
+# The official variants: widths, depths, MLP ratios, layer-scale stages and the drop-path rates the release
+# trains them with on ImageNet-1K.
 MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     "damamba_tiny": dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4, 4, 3, 3),
                          drop_path_rate=0.15),
@@ -288,16 +208,16 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
 @register_model
 def damamba_tiny(pretrained: bool = False, **kwargs: Any) -> DAMamba:
     """DAMamba-T: dims 80-160-320-512, depths 3-4-12-5 (25,440,302 params)."""
-    return _create("damamba_tiny", pretrained, **{**MODEL_ARGS["damamba_tiny"], **kwargs})
+    return create_variant(DAMamba, "damamba_tiny", pretrained, **{**MODEL_ARGS["damamba_tiny"], **kwargs})
 
 
 @register_model
 def damamba_small(pretrained: bool = False, **kwargs: Any) -> DAMamba:
     """DAMamba-S: dims 96-192-384-512, depths 4-8-20-6, layer scale in stages 2-3 (44,992,564 params)."""
-    return _create("damamba_small", pretrained, **{**MODEL_ARGS["damamba_small"], **kwargs})
+    return create_variant(DAMamba, "damamba_small", pretrained, **{**MODEL_ARGS["damamba_small"], **kwargs})
 
 
 @register_model
 def damamba_base(pretrained: bool = False, **kwargs: Any) -> DAMamba:
     """DAMamba-B: dims 112-224-448-640, depths 4-8-25-8, layer scale in stages 2-3 (85,714,298 params)."""
-    return _create("damamba_base", pretrained, **{**MODEL_ARGS["damamba_base"], **kwargs})
+    return create_variant(DAMamba, "damamba_base", pretrained, **{**MODEL_ARGS["damamba_base"], **kwargs})

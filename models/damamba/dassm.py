@@ -1,9 +1,9 @@
-"""DASSM: the token mixer of a DAMamba block (Li et al. 2025, "Dynamic Adaptive Scan"; spec damamba.md Sec. 2).
+"""DASSM: the token mixer of a DAMamba block (Li et al. 2025, "Dynamic Adaptive Scan", Sec. 3).
 
     u   = SiLU(dwconv3x3(in_proj(x)))                          in_proj: 1x1, no bias
     off = Linear_{C -> 2G}(GELU(LN(dwconv3x3(x))))             per pixel, G = C / head_dim offset groups
-    u   = adaptive_sample(u, off)                              models/adaptive_sampling.py
-    y   = S6 scan of u in raster order, one pass, d_state 1, one B/C group (models/selective_scan.py)
+    u   = adaptive_sample(u, off)                              models/ops/adaptive
+    y   = S6 scan of u in raster order, one pass, d_state 1, one B/C group (models/ops/scan)
     out = out_proj(LN(y))                                      out_proj: 1x1, no bias
 
 No gate, no cross-scan directions, no sorting: the learned offsets alone adapt the scan. Parameter names and
@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers import register_notrace_module
 
 from ..ops.adaptive import adaptive_sample
 from .layers import LN_EPS, ChannelLayerNorm
@@ -24,10 +25,10 @@ from ..ops.precision import to_accumulation
 from ..ops.scan import selective_scan_fn
 from ..ssm_init import init_ssm_parameters
 
-__all__ = ["OffsetNetwork", "DASSM"]
+__all__ = ["AdaptiveOffsetNetwork", "DASSM"]
 
 
-class OffsetNetwork(nn.Module):
+class AdaptiveOffsetNetwork(nn.Module):
     """Per-pixel offsets in pixels, (B, C, H, W) -> (B, H, W, 2G): dwconv3x3, LN, GELU, Linear (names `da_scan.*`)."""
 
     def __init__(self, dim: int, groups: int) -> None:
@@ -40,6 +41,7 @@ class OffsetNetwork(nn.Module):
         return self.offset(self.dw_conv(x))
 
 
+@register_notrace_module  # a leaf for torch.fx: shapes drive the sampling and the scan
 class DASSM(nn.Module):
     """Dynamic-adaptive-scan selective state space mixer on channels-first maps (B, C, H, W) -> (B, C, H, W)."""
 
@@ -68,7 +70,7 @@ class DASSM(nn.Module):
         self.conv2d = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.out_norm = ChannelLayerNorm(dim)
         self.out_proj = nn.Conv2d(dim, dim, 1, bias=False)
-        self.da_scan = OffsetNetwork(dim, dim // head_dim)
+        self.da_scan = AdaptiveOffsetNetwork(dim, dim // head_dim)
         init_ssm_parameters(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
                             dt_min, dt_max, dt_init_floor)
 

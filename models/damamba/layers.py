@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 __all__ = ["ChannelLayerNorm", "ResDWC"]
 
-# every LayerNorm of DAMamba uses this eps (spec damamba.md Sec. 5)
+# every LayerNorm of the DAMamba release uses this eps
 LN_EPS = 1e-6
 
 
@@ -25,8 +25,9 @@ class ChannelLayerNorm(nn.Module):
 class ResDWC(nn.Module):
     """Residual depthwise 3x3 conv, x + dwconv(x), computed as one conv whose kernel is weight + conv_constant.
 
-    `conv_constant` is a frozen parameter holding the identity kernel (centre 1). It is a parameter, not a
-    buffer, because the release's parameter count includes it; a loaded value is used as it is.
+    `conv_constant` holds the identity kernel (centre 1). The release stores it as a frozen parameter; here it
+    is a persistent buffer under the same state_dict key, so release checkpoints load strictly while every
+    parameter trains (timm's and fvcore's parameter counts leave its 9 values out). A loaded value is used as is.
     """
 
     def __init__(self, dim: int) -> None:
@@ -34,7 +35,7 @@ class ResDWC(nn.Module):
         self.conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         identity = torch.zeros(1, 1, 3, 3)
         identity[0, 0, 1, 1] = 1.0
-        self.conv_constant = nn.Parameter(identity, requires_grad=False)
+        self.register_buffer("conv_constant", identity)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.conv.weight + self.conv_constant

@@ -4,22 +4,22 @@ A 4-stage hierarchical backbone of Deformable Mamba (DM) blocks:
 
     PatchEmbed (stride 4) -> [DMStage: DM blocks at C_i, then 3x3/2 conv downsample] x 4 -> LN, pool, head
 
-Tensors between modules are channels-last (B, H, W, C). Module names and parameter shapes follow the
-official release, so its ImageNet checkpoints load strictly (see models/checkpoint.py).
+Tensors between modules are channels-last (B, H, W, C), so forward_features and the stage outputs are NHWC
+(`output_fmt`). Module names and parameter shapes follow the official release, so its ImageNet checkpoints
+load strictly (see models/checkpoint.py).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import DropPath, Mlp
+from timm.models import generate_default_cfgs, register_model
 
-from ..checkpoint import CheckpointError, load_pretrained
+from ..base import StagedModel, create_variant, default_cfg
+from ..layers import PoolHead, ToChannelsFirst, ToChannelsLast, run_blocks
 from .dssm import DSSM
-from ..layers import ToChannelsFirst, ToChannelsLast, run_blocks
 
 __all__ = ["DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base"]
 
@@ -96,22 +96,11 @@ class DMStage(nn.Module):
         return self.downsample(self.forward_blocks(x))
 
 
-class ClassifierHead(nn.Module):
-    """LN -> global average pool -> linear, on NHWC features (names classifier.{norm,head})."""
+class DefMamba(StagedModel):
+    """DefMamba classifier / backbone with timm's model interface (see models/base.py)."""
 
-    def __init__(self, dim: int, num_classes: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.norm(x).mean((1, 2))
-        return x if pre_logits else self.head(self.drop(x))
-
-
-class DefMamba(nn.Module):
-    """DefMamba classifier / backbone (timm-style: forward_features, forward_head, forward_intermediates)."""
+    output_fmt = "NHWC"
+    head_name = "classifier"
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), d_state: int = 16, dt_rank: int = 0,
@@ -134,22 +123,20 @@ class DefMamba(nn.Module):
             drop_rate: dropout before the classifier.
             drop_path_rate: stochastic depth, linearly increasing over all blocks up to this value.
             use_checkpoint: activation checkpointing of every block.
-            global_pool: only "avg" is supported (kept for timm's create_model interface).
+            global_pool: "avg", or "" for a head that returns the normalised unpooled map (with num_classes=0).
             fb_bb, third_branch, local_window: scan branches of every DSSM (paper Table 4; see DSSM);
                 the defaults are the released model (forward + backward + deformable).
             point_offset, index_offset, offset_bias, channel_attention: parts of the deformable branch
                 (paper Table 5: DP, DT, OB, CA; see DeformableScan); all on in the released model.
         """
         super().__init__()
-        if global_pool != "avg":
-            raise ValueError(f"DefMamba only supports global_pool='avg', got {global_pool!r}")
         if len(offset_kernels) != len(depths):
             raise ValueError(f"need one offset kernel per stage: {len(depths)} stages, got {list(offset_kernels)}")
-        self.num_classes = num_classes
-        self.num_stages = len(depths)
-        dims = [embed_dim * 2 ** i for i in range(self.num_stages)]
+        self.num_classes, self.in_chans = num_classes, in_chans
+        num_stages = len(depths)
+        dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: buildable on meta
         branch_kwargs = dict(fb_bb=fb_bb, third_branch=third_branch, local_window=local_window,
                              point_offset=point_offset, index_offset=index_offset, offset_bias=offset_bias,
                              channel_attention=channel_attention)
@@ -159,115 +146,40 @@ class DefMamba(nn.Module):
         self.feature_info: List[Dict[str, Any]] = []
         start = 0
         for i, depth in enumerate(depths):
-            last = i == self.num_stages - 1
+            last = i == num_stages - 1
             self.layers.append(DMStage(
                 dims[i], None if last else dims[i + 1], depth, offset_kernels[i], rates[start:start + depth],
                 use_checkpoint=use_checkpoint, d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio,
                 mlp_ratio=mlp_ratio, **branch_kwargs))
-            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}"))
+            # the blocks' output, before the downsampling to the next stage
+            self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}.blocks"))
             start += depth
-        self.classifier = ClassifierHead(dims[-1], num_classes, drop_rate)
+        self.classifier = PoolHead(dims[-1], num_classes, global_pool, drop_rate, channels_last=True,
+                                   norm=nn.LayerNorm(dims[-1]), fc_name="head")
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # Linear/LayerNorm modules only: the DSSM initialises its raw SSM parameters itself
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+    def stage_modules(self) -> nn.ModuleList:
+        return self.layers
 
-    def ssm_no_weight_decay(self) -> set[str]:
-        """Names of A_logs, Ds, dt_projs_bias and rpe_table parameters (the optional no-decay group)."""
-        names = set()
-        for prefix, module in self.named_modules():
-            if isinstance(module, DSSM):
-                names.update(f"{prefix}.{name}" for name in module.ssm_parameters())
-        return names
+    def prune_stages(self, keep: int) -> None:
+        del self.layers[keep:]
+        self.layers[-1].downsample = nn.Identity()  # the features are taken before it
 
-    def load_pretrained(self, path: str) -> None:
-        """timm's hook for pretrained=True (custom_load): strict load of a local release or trainer file."""
-        load_pretrained(self, path)
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.patch_embed(x)
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.use_checkpoint = enable
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> last-stage features (B, H/32, W/32, C_last), channels-last."""
-        x = self.patch_embed(x)
-        for stage in self.layers:
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        return self.classifier(x, pre_logits=pre_logits)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Per-stage outputs (before downsampling) for dense prediction, timm's feature-getter API.
-
-        Args:
-            indices: stage indices to return, or an int n for the last n stages; default all.
-            norm: unused (the release's backbone adds its own output norms in the detection heads).
-            stop_early: stop after the last requested stage (only with intermediates_only).
-            output_fmt: "NCHW" or "NHWC".
-            intermediates_only: return only the list of features.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        wanted, max_index = feature_take_indices(self.num_stages, indices)
-        x = self.patch_embed(x)
-        features = []
-        last_needed = max_index if stop_early and intermediates_only else self.num_stages - 1
-        for i, stage in enumerate(self.layers[:last_needed + 1]):
-            feat = stage.forward_blocks(x)
-            if i in wanted:
-                features.append(feat.permute(0, 3, 1, 2) if output_fmt == "NCHW" else feat)
-            x = stage.downsample(feat)
-        if intermediates_only:
-            return features
-        return x, features
+    def forward_stage(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+        stage = self.layers[index]
+        feat = stage.forward_blocks(x)
+        return feat, stage.downsample(feat)
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
-                interpolation="bilinear", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                first_conv="patch_embed.0", classifier="classifier.head", custom_load=True, **kwargs)
+# No hub weights: official checkpoints are loaded from a local file (models.base.create_variant).
+default_cfgs = generate_default_cfgs({
+    name: default_cfg(interpolation="bilinear", first_conv="patch_embed.0", classifier="classifier.head")
+    for name in ("defmamba_tiny", "defmamba_small", "defmamba_base")})
 
-
-def _create(variant: str, pretrained: bool, **kwargs: Any) -> DefMamba:
-    """pretrained=True loads the local file given as pretrained_cfg_overlay=dict(file=...) (no hub weights)."""
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not overlay.get("file"):
-        raise CheckpointError(f"{variant} has no downloadable weights: download an official checkpoint (README, "
-                              "'Official checkpoints') and pass pretrained_cfg_overlay=dict(file='<path>.pth') "
-                              "with pretrained=True, or call models.load_pretrained(model, '<path>.pth')")
-    if overlay:
-        # timm resets custom_load when a file is given; keep it so the file goes through DefMamba.load_pretrained
-        kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
-    return build_model_with_cfg(DefMamba, variant, pretrained,
-                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
-
-
-# No hub weights: official checkpoints are loaded from a local file (see _create).
-default_cfgs = generate_default_cfgs({name: _cfg() for name in ("defmamba_tiny", "defmamba_small", "defmamba_base")})
-
-# Official variants (spec official.md Sec. 2.1). Drop-path rates are the release's training values.
+# The official variants: widths, depths and the drop-path rates the release trains them with.
 MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     "defmamba_tiny": dict(embed_dim=48, depths=(2, 2, 5, 2), drop_path_rate=0.2),
     "defmamba_small": dict(embed_dim=96, depths=(2, 2, 6, 2), drop_path_rate=0.2),
@@ -278,16 +190,16 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
 @register_model
 def defmamba_tiny(pretrained: bool = False, **kwargs: Any) -> DefMamba:
     """DefMamba-T: C = 48, depths 2-2-5-2 (7.55M params)."""
-    return _create("defmamba_tiny", pretrained, **{**MODEL_ARGS["defmamba_tiny"], **kwargs})
+    return create_variant(DefMamba, "defmamba_tiny", pretrained, **{**MODEL_ARGS["defmamba_tiny"], **kwargs})
 
 
 @register_model
 def defmamba_small(pretrained: bool = False, **kwargs: Any) -> DefMamba:
     """DefMamba-S: C = 96, depths 2-2-6-2 (30.2M params)."""
-    return _create("defmamba_small", pretrained, **{**MODEL_ARGS["defmamba_small"], **kwargs})
+    return create_variant(DefMamba, "defmamba_small", pretrained, **{**MODEL_ARGS["defmamba_small"], **kwargs})
 
 
 @register_model
 def defmamba_base(pretrained: bool = False, **kwargs: Any) -> DefMamba:
     """DefMamba-B: C = 96, depths 2-3-16-2 (48.6M params)."""
-    return _create("defmamba_base", pretrained, **{**MODEL_ARGS["defmamba_base"], **kwargs})
+    return create_variant(DefMamba, "defmamba_base", pretrained, **{**MODEL_ARGS["defmamba_base"], **kwargs})

@@ -1,6 +1,6 @@
 """Deformable scanning (paper Sec. 3.3, Fig. 3): the token sequence of the DSSM's deformable branch.
 
-    offsets  = OffsetNetwork(x)                                   (B, 3, H, W)
+    offsets  = DeformableOffsetNetwork(x)                         (B, 3, H, W)
     pos      = ref(H, W) + tanh(offsets[:, :2]) / (H - 1, W - 1)  point offset, about +-1/2 pixel
     path     = path_ref(N) + tanh(offsets[:, 2])                  index offset
     features = sample(x, pos) + sample(rpe_table, (key - pos) / 2)
@@ -13,7 +13,7 @@ Ablation switches (paper Table 5), each dropping the parameters it makes unused:
 - channel attention (CA) off: the offset network has no attention gate.
 With DP and DT both off there is no offset network at all.
 
-Reference grids follow the release's constants (spec official.md Sec. 3.2), with one deliberate
+Reference grids follow the release's constants (each function below states its grid), with one deliberate
 deviation: they are built in float32 whatever the input dtype. The release builds them in the input
 dtype, and under fp16 autocast the 3136 stage-1 token positions collapse onto 2116 distinct values,
 which leaves the scan order among the ties arbitrary.
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from timm.layers import trunc_normal_
 
 from ..ops.deform import deformable_sequence
-from .offset_network import OffsetNetwork
+from .offset_network import DeformableOffsetNetwork
 
 __all__ = ["DeformableScan"]
 
@@ -81,7 +81,7 @@ class DeformableScan(nn.Module):
         # registration order (rpe_table, then conv_offset) is the release's state_dict order
         self.rpe_table = nn.Parameter(torch.empty(dim, RPE_TABLE_SIZE, RPE_TABLE_SIZE)) if offset_bias else None
         maps = 2 * point_offset + index_offset
-        self.conv_offset = OffsetNetwork(dim, kernel_size, maps, channel_attention) if maps else None
+        self.conv_offset = DeformableOffsetNetwork(dim, kernel_size, maps, channel_attention) if maps else None
         if self.rpe_table is not None:
             trunc_normal_(self.rpe_table, std=0.01)
 

@@ -22,13 +22,14 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers import register_notrace_module
 
 from .deformable_scan import DeformableScan
 from .scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
 from ..ops.scan import selective_scan_fn
 from ..ssm_init import init_ssm_parameters
 
-__all__ = ["DSSM", "ThirdBranch"]
+__all__ = ["DSSM", "ThirdBranch", "THIRD_BRANCHES"]
 
 
 class ThirdBranch(str, enum.Enum):
@@ -39,6 +40,11 @@ class ThirdBranch(str, enum.Enum):
     LOCAL = "lb"
 
 
+# values of the third_branch argument (and of MODEL.DEFMAMBA.THIRD_BRANCH)
+THIRD_BRANCHES = tuple(b.value for b in ThirdBranch)
+
+
+@register_notrace_module  # a leaf for torch.fx: the token orders and the sort depend on the input's shape
 class DSSM(nn.Module):
     """K-branch selective-scan mixer on channels-last features (B, H, W, C) -> (B, H, W, C)."""
 
@@ -65,7 +71,7 @@ class DSSM(nn.Module):
         try:
             self.third_branch = ThirdBranch(third_branch)
         except ValueError:
-            raise ValueError(f"third_branch must be one of {[b.value for b in ThirdBranch]}, "
+            raise ValueError(f"third_branch must be one of {list(THIRD_BRANCHES)}, "
                              f"got {third_branch!r}") from None
         if not fb_bb and self.third_branch is ThirdBranch.NONE:
             raise ValueError("a DSSM needs at least one scan branch: fb_bb=False needs a third branch")

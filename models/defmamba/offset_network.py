@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["OffsetNetwork"]
+__all__ = ["DeformableOffsetNetwork"]
 
 
-class OffsetNetwork(nn.Module):
+class DeformableOffsetNetwork(nn.Module):
     """Predicts raw (pre-tanh) offsets (B, out_channels, H, W) from features (B, C, H, W)."""
 
     def __init__(self, dim: int, kernel_size: int, out_channels: int = 3, channel_attention: bool = True) -> None:
