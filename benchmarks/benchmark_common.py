@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from models.ops.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
+from models.ops.backends import Backend  # noqa: E402
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -93,46 +93,6 @@ def parse_backends(text: str, allowed: List[str]) -> List[Backend]:
         raise ValueError(f"unknown backend {', '.join(bad) or repr(text)}; expected all or a comma list of "
                          f"{', '.join(allowed)}")
     return [Backend(n) for n in names]
-
-
-def scan_switch_honoured() -> bool:
-    """True when models.ops.scan obeys a forced backend.
-
-    Probe: a forced CUDA scan of CPU tensors cannot succeed, so a front end that obeys the switch raises
-    (BackendUnavailable, or the extension's own error). One that predates the switch silently runs its
-    automatic choice instead, and its figures would carry the wrong backend's name, so the benchmarks then
-    measure `auto` only.
-    """
-    from models.ops.scan import selective_scan_fn
-
-    u = torch.zeros(1, 1, 2)
-    B = torch.zeros(1, 1, 1, 2)
-    try:
-        with use_backend("scan", Backend.CUDA):
-            selective_scan_fn(u, u, -torch.ones(1, 1), B, B)
-    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
-        return True
-    return False
-
-
-def deform_switch_honoured() -> Optional[bool]:
-    """True when models.ops.deform obeys a forced backend (same probe, forcing Triton on CPU tensors).
-
-    None when the probe cannot decide: Triton's interpreter is on, so forced Triton may legitimately run
-    CPU tensors.
-    """
-    if triton_interpreting():
-        return None
-    from models.ops.deform import deformable_sequence
-
-    x = torch.zeros(1, 1, 2, 2)
-    pos = torch.zeros(1, 2, 2, 2)
-    try:
-        with use_backend("deform", Backend.TRITON):
-            deformable_sequence(x, pos)
-    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
-        return True
-    return False
 
 
 def environment(device: torch.device) -> Dict[str, Any]:

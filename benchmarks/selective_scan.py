@@ -65,12 +65,10 @@ def traffic_bytes(u: torch.Tensor, B: torch.Tensor) -> Tuple[int, int]:
     return inputs + n_ud * 4, inputs + n_ud * 4 + inputs
 
 
-def unavailable_reason(backend: Backend, device: torch.device, honoured: bool) -> Optional[str]:
+def unavailable_reason(backend: Backend, device: torch.device) -> Optional[str]:
     """Why `backend` cannot be measured here, or None. Runs one tiny scan under the forced backend."""
     from models.ops.scan import cuda_extension_available, selective_scan_fn
 
-    if not honoured:
-        return "models.ops.scan ignores forced backends (front end predates the switch); only auto is timed"
     if backend == Backend.CUDA and not cuda_extension_available():
         return "defmamba_scan_cuda is not built (pip install --no-build-isolation kernels/selective_scan)"
     u, delta, A, B, C, D, bias = make_inputs(1, GROUPS, 8, torch.float32, device)
@@ -156,31 +154,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     warmup, repeats = args.warmup, args.repeats
     copy_bw = common.copy_bandwidth(device, 1 << 30 if device.type == "cuda" else 1 << 24)
     env = common.environment(device)
-    honoured = common.scan_switch_honoured()
     print(f"device {env['device']}, torch {env['torch']}, copy bandwidth {copy_bw / 1e9:.0f} GB/s "
           f"(read + write), batch {args.batch}", flush=True)
 
-    backends: List[Backend] = args.backends if honoured else [Backend.AUTO]
+    backends: List[Backend] = args.backends
     results: List[Dict[str, Any]] = []
     status: Dict[str, str] = {}
 
     def save() -> None:  # after every backend, so a run cut short still leaves its figures
         common.write_json(args.json, {
             "benchmark": "selective_scan", "environment": env, "copy_bandwidth_GBps": copy_bw / 1e9,
-            "warmup": warmup, "repeats": repeats, "backend_status": status, "switch_honoured": honoured,
+            "warmup": warmup, "repeats": repeats, "backend_status": status,
             "target": TARGET, "results": results,
         })
 
-    if not honoured:
-        for b in args.backends:
-            status[b.value] = "not timed: " + unavailable_reason(b, device, False)
     header = (f"{'backend':7} {'model':5} {'dtype':5} {'stage':>5} {'D':>5} {'L':>5} | {'fwd ms':>8} {'fwd %bw':>7} | "
               f"{'bwd ms':>8} {'bwd %bw':>7} | {'f+b ms':>8}")
     print(header)
     print("-" * len(header), flush=True)
     for backend in backends:
         try:
-            reason = unavailable_reason(backend, device, True)
+            reason = unavailable_reason(backend, device)
         except Exception as err:  # noqa: BLE001  a broken backend must not hide the others' figures
             reason = f"error: {common.one_line(err)}"
         if reason is not None:

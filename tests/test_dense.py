@@ -28,7 +28,7 @@ VARIANTS = {"tiny": (48, (2, 2, 5, 2)), "small": (96, (2, 2, 6, 2)), "base": (96
 # ---------------------------------------------------------------- backbone (no mm* needed)
 
 def test_backbone_keys_are_release_names():
-    """DefMamba-T backbone: classification keys minus classifier.*, plus outnorm{i} of shape [C_i] (spec Sec. 5.2)."""
+    """DefMamba-T backbone: classification keys minus classifier.*, plus outnorm{i} of shape [C_i] (the release's dense backbone)."""
     expected = {k: v for k, v in official_tiny_keys().items() if not k.startswith("classifier.")}
     for i, c in enumerate((48, 96, 192, 384)):
         expected.update({f"outnorm{i}.weight": [c], f"outnorm{i}.bias": [c]})

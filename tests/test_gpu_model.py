@@ -3,8 +3,7 @@
 1. Parity: a DefMamba-T with fixed random weights gives on the GPU in fp32 the same logits and parameter
    gradients as the CPU float64 path (pure-PyTorch scan and deformable sequence), for every combination of
    scan and deformable backends (models.ops.backends.Backend). A forced backend that raises BackendUnavailable
-   is not available on this machine and its case is skipped with that reason; so is a forced backend of an
-   operation whose front end does not read the switch yet (it would silently run `auto`).
+   is not available on this machine and its case is skipped with that reason.
 2. AMP training: fp16 (with GradScaler) and bf16 steps of DefMamba-T at batch 8, 224 px, stay finite, and
    the loss on one fixed batch falls over 20 steps.
 
@@ -32,9 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm  # noqa: E402
 
 import models  # noqa: E402,F401  (registers defmamba_tiny with timm)
-from models.ops.backends import Backend, BackendUnavailable, triton_interpreting, use_backend  # noqa: E402
-from models.ops.deform import deformable_sequence  # noqa: E402
-from models.ops.scan import selective_scan_fn  # noqa: E402
+from models.ops.backends import Backend, BackendUnavailable, use_backend  # noqa: E402
 
 # With this seed the two closest token positions on any deformable scan path are 2.7e-5 apart (float64),
 # far above fp32 rounding (~1e-6), so the sort cannot order ties differently on the GPU (seed 0: 5e-6,
@@ -45,27 +42,6 @@ LOGIT_RTOL = 1e-4   # max |gpu - ref| / max |ref| over the logits
 GRAD_RTOL = 1e-3    # ||gpu - ref|| / ||ref|| per parameter tensor
 AMP_IMG, AMP_BATCH, AMP_STEPS = 224, 8, 20
 CUDA = torch.device("cuda")
-
-
-def switch_ignored(op: str) -> bool:
-    """True when the op's front end predates models.ops.backends and silently runs its automatic choice.
-
-    Probe: a backend that cannot run CPU tensors (the CUDA scan; Triton without its interpreter) is
-    forced on CPU tensors; a front end that obeys the switch raises, one that ignores it returns.
-    """
-    if op == "deform" and triton_interpreting():
-        return False
-    try:
-        if op == "scan":
-            u, bc = torch.zeros(1, 1, 2), torch.zeros(1, 1, 1, 2)
-            with use_backend("scan", Backend.CUDA):
-                selective_scan_fn(u, u, -torch.ones(1, 1), bc, bc)
-        else:
-            with use_backend("deform", Backend.TRITON):
-                deformable_sequence(torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
-    except Exception:  # noqa: BLE001  any refusal shows the forced backend was tried
-        return False
-    return True
 
 
 def make_model() -> torch.nn.Module:
@@ -129,11 +105,6 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("deform", list(Backend), ids=lambda b: f"deform-{b.value}")
 @pytest.mark.parametrize("scan", list(Backend), ids=lambda b: f"scan-{b.value}")
 def test_fp32_gpu_matches_cpu_float64(reference, no_tf32, scan: Backend, deform: Backend):
-    # a front end without the switch would run `auto` under another backend's name; the deformable
-    # front end without it is the PyTorch path, so forcing torch there is what runs anyway
-    for op, backend in (("scan", scan), ("deform", deform)):
-        if backend != Backend.AUTO and not (op == "deform" and backend == Backend.TORCH) and switch_ignored(op):
-            pytest.skip(f"the {op} front end ignores forced backends, so {op}={backend.value} cannot be tested")
     model = make_model().eval()
     model.load_state_dict(reference["state"])
     model.to(CUDA)

@@ -6,7 +6,7 @@ import torch
 import models
 from models import CheckpointError, DefMamba, load_pretrained
 
-# spec official.md Sec. 5.3
+# parameter and state_dict tensor counts of the official checkpoints
 OFFICIAL = {"defmamba_tiny": (7_547_878, 321), "defmamba_small": (30_201_340, 348), "defmamba_base": (48_595_576, 645)}
 
 
@@ -17,7 +17,7 @@ def tiny_model(**kwargs):
 
 
 def official_tiny_keys():
-    """Every key and shape of DefMamba-T, written out from the tables of spec official.md Sec. 5.2."""
+    """Every key and shape of DefMamba-T, as the official checkpoint stores them."""
     keys = {
         "patch_embed.0.weight": [24, 3, 3, 3], "patch_embed.0.bias": [24],
         "patch_embed.2.weight": [24], "patch_embed.2.bias": [24],

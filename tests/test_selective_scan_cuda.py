@@ -1,7 +1,7 @@
 """GPU tests of the `defmamba_scan_cuda` extension against an independent float64 reference.
 
 The reference below is a naive per-step loop differentiated by torch autograd in float64; it
-shares no code with the extension or with models/selective_scan.py. Skipped (module level)
+shares no code with the extension or with models/ops/scan/__init__.py. Skipped (module level)
 when CUDA or the compiled extension is unavailable.
 """
 import itertools

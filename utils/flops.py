@@ -15,8 +15,9 @@ means 1 per input element) plus handles for the custom operations:
 DAMamba goes through the same handles: its one raster scan per block (D = C, N = d_state = 1) is counted by
 the same conventions (release: 5.5*B*C*L per block), its dynamic adaptive sampling as the point offset
 (4 per output element, B*C*L per block). `--no-custom-ops` counts the scan and the sampling as 0, as the
-DAMamba release's published GFLOPs (torchprofile) do. Parameters are reported trainable, and in all
-(DAMamba's frozen conv_constant identity kernels are parameters: the release's counts include them).
+DAMamba release's published GFLOPs (torchprofile) do. Parameters are reported trainable, and in all (frozen
+ones too). DAMamba's identity kernels (`conv_constant`) are buffers here, so its counts are the release's less
+9 values per ResDWC (the release stores them as frozen parameters).
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _deformable_sequence(inputs: List[Any], outputs: List[Any]) -> float:
 def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
     scan = _scan_handle(convention)
     return {
-        "defmamba::selective_scan": scan,  # the custom op of every scan backend (models/selective_scan_op.py)
+        "defmamba::selective_scan": scan,  # the custom op of every scan backend (models/ops/scan/op.py)
         "prim::PythonOp.PointOffsetSample": _per_output_element(4),
         "defmamba::deformable_sequence": _deformable_sequence,
         "aten::mean": _per_input_element,
@@ -89,7 +90,7 @@ def _handles(convention: ScanFlopConvention) -> Dict[str, Any]:
 
 
 def count_params(model: nn.Module, trainable_only: bool = True) -> int:
-    """Number of trainable parameters, or of all parameters (frozen ones too, e.g. DAMamba's conv_constant)."""
+    """Number of trainable parameters, or of all parameters (frozen ones too)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
