@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 import benchmark_common as common
-from benchmark_common import Backend, BackendUnavailable, use_backend
+from models.ops.backends import Backend, BackendUnavailable, use_backend  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the timm names)
 import timm  # noqa: E402

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 import benchmark_common as common
-from benchmark_common import Backend, BackendUnavailable, use_backend
+from models.ops.backends import Backend, BackendUnavailable, use_backend  # noqa: E402
 
 # d_inner per stage (ssm_ratio 1, so d_inner = stage width); S and B share their widths
 WIDTHS = {"T": (48, 96, 192, 384), "S": (96, 192, 384, 768), "B": (96, 192, 384, 768)}

@@ -6,7 +6,7 @@ their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -45,15 +45,33 @@ def _flags(D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bo
     return dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=acc)
 
 
-def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
-    """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`."""
+class _Launch(NamedTuple):
+    """Sizes, dtypes and tiling shared by the forward and backward launches."""
+    batch: int
+    dim: int
+    length: int
+    groups: int
+    per_group: int
+    nstate: int
+    torch_acc: torch.dtype
+    tl_acc: Any
+    block_d: int
+    block_n: int
+    chunk: int
+
+
+def _launch(u: Tensor, A: Tensor, B: Tensor) -> _Launch:
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
     per_group = dim // groups
-    torch_acc, tl_acc = _accumulation(u)
-    block_d, block_n = _tiling(per_group, nstate)
-    chunk = chunk_length(length)
+    return _Launch(batch, dim, length, groups, per_group, nstate, *_accumulation(u), *_tiling(per_group, nstate),
+                   chunk_length(length))
+
+
+def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+    """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`."""
+    batch, dim, length, groups, per_group, nstate, torch_acc, tl_acc, block_d, block_n, chunk = _launch(u, A, B)
     y = torch.empty(batch, dim, length, device=u.device, dtype=torch_acc)
     states = torch.empty(state_shape(batch, dim, length, nstate), device=u.device, dtype=torch_acc)
     grid = (batch * groups, triton.cdiv(per_group, block_d))
@@ -71,12 +89,7 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (dD, ddelta_bias in
     the accumulation dtype when D, delta_bias are None)."""
-    batch, dim, length = u.shape
-    groups, nstate = B.shape[1], A.shape[1]
-    per_group = dim // groups
-    torch_acc, tl_acc = _accumulation(u)
-    block_d, block_n = _tiling(per_group, nstate)
-    chunk = chunk_length(length)
+    batch, dim, length, groups, per_group, nstate, torch_acc, tl_acc, block_d, block_n, chunk = _launch(u, A, B)
     nblock = triton.cdiv(per_group, block_d)
     grid = (batch * groups, nblock)
     dev = u.device
