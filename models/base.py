@@ -133,9 +133,9 @@ class StagedModel(nn.Module):
         Returns:
             The features, or (forward_features output, features).
         """
-        fmt = Format(output_fmt) if output_fmt in ("NCHW", "NHWC") else None
-        if fmt is None:
+        if output_fmt not in ("NCHW", "NHWC"):  # a str or timm's Format
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        want = Format(output_fmt).value
         wanted, max_index = feature_take_indices(self.num_stages, indices)
         last = max_index if stop_early and intermediates_only else self.num_stages - 1
         features = []
@@ -143,7 +143,7 @@ class StagedModel(nn.Module):
         for i in range(last + 1):
             feat, x = self.forward_stage(i, x)
             if i in wanted:
-                features.append(_to_format(feat, self.output_fmt, fmt.value))
+                features.append(_to_format(feat, self.output_fmt, want))
         if intermediates_only:
             return features
         return x, features
