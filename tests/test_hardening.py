@@ -271,23 +271,27 @@ def test_rates_below_one_image_per_second_are_not_shown_as_zero():
     assert [format_rate(r) for r in (0.3, 0.0412, 7.25, 45.24, 1234.4)] == ["0.3", "0.0412", "7.25", "45.2", "1234"]
 
 
-def test_timm_pretrained_loads_a_local_file_or_says_how(tmp_path: Path):
+SMALL_VARIANTS = {"defmamba_tiny": (dict(embed_dim=8, depths=(1, 1, 1, 1)), [8, 16, 32, 64]),
+                  "damamba_tiny": (dict(dims=(16, 32, 48, 64), depths=(1, 1, 1, 1)), [16, 32, 48, 64])}
+
+
+@pytest.mark.parametrize("name", list(SMALL_VARIANTS))
+def test_timm_pretrained_loads_a_local_file_or_says_how(tmp_path: Path, name: str):
     import timm
 
     import models
 
-    with pytest.raises(models.CheckpointError, match=r"defmamba_tiny has no downloadable weights: .* "
+    with pytest.raises(models.CheckpointError, match=rf"{name} has no downloadable weights: .* "
                                                      r"pretrained_cfg_overlay=dict\(file="):
-        timm.create_model("defmamba_tiny", pretrained=True)
-    small = dict(num_classes=3, embed_dim=8, depths=(1, 1, 1, 1))
-    source = timm.create_model("defmamba_tiny", **small)
+        timm.create_model(name, pretrained=True)
+    arch, channels = SMALL_VARIANTS[name]
+    small = dict(num_classes=3, **arch)
+    source = timm.create_model(name, **small)
     torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "weights.pth")  # trainer/release layout
     overlay = dict(file=str(tmp_path / "weights.pth"))
-    loaded = timm.create_model("defmamba_tiny", pretrained=True, pretrained_cfg_overlay=overlay, **small)
+    loaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **small)
     assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
-    backbone = timm.create_model("defmamba_tiny", pretrained=True, pretrained_cfg_overlay=overlay,
-                                 features_only=True, **small)
-    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [8, 16, 32, 64]
+    backbone = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, features_only=True, **small)
+    assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == channels
     with pytest.raises(models.CheckpointError, match="does not match the model"):  # strict, as everywhere
-        timm.create_model("defmamba_tiny", pretrained=True, pretrained_cfg_overlay=overlay, num_classes=5,
-                          embed_dim=8, depths=(1, 1, 1, 1))
+        timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=5, **arch)
