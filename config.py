@@ -177,6 +177,8 @@ _C.PRINT_FREQ = 10
 _C.SEED = 0
 _C.EVAL_MODE = False
 _C.THROUGHPUT_MODE = False
+# Count GFLOPs at start (fvcore traces the model: tens of seconds on a CPU for full-size models).
+_C.PRINT_FLOPS = False
 
 
 def get_default_config() -> CN:
@@ -299,6 +301,8 @@ def _apply_flags(config: CN, args: argparse.Namespace) -> None:
         config.EVAL_MODE = True
     if getattr(args, "throughput", False):
         config.THROUGHPUT_MODE = True
+    if getattr(args, "flops", False):
+        config.PRINT_FLOPS = True
 
 
 def get_config(args: Optional[argparse.Namespace] = None) -> CN:

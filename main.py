@@ -75,6 +75,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--pretrained", help="weights to start from (training restarts at epoch 0)")
     parser.add_argument("--eval", action="store_true", help="only evaluate the --resume/--pretrained checkpoint")
     parser.add_argument("--throughput", action="store_true", help="only measure inference images/s")
+    parser.add_argument("--flops", action="store_true", help="count GFLOPs at start (PRINT_FLOPS)")
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="activation checkpointing (saves memory)")
     parser.add_argument("--disable_amp", action="store_true", help="train and evaluate in fp32")
@@ -94,14 +95,16 @@ class UsageError(ValueError):
 
 def _log_model(model: nn.Module, config: CfgNode, logger: logging.Logger) -> None:
     params = count_params(model)
-    try:
-        gflops = count_flops(model, config.DATA.IMG_SIZE, models.input_channels(config))
-    except Exception as err:  # a FLOPs-tracing problem must not stop training
-        logger.warning("GFLOPs not counted: %s", " ".join(str(err).split())[:200])
-        gflops = float("nan")
     frozen = count_params(model, trainable_only=False) - params
-    logger.info("model %s: %.2fM trainable parameters%s, %.3f GFLOPs at %d px", config.MODEL.NAME, params / 1e6,
-                f" (+{frozen:,} frozen)" if frozen else "", gflops, config.DATA.IMG_SIZE)
+    flops = " (GFLOPs: --flops, or python -m utils.flops)"
+    if config.PRINT_FLOPS:
+        try:
+            flops = f", {count_flops(model, config.DATA.IMG_SIZE, models.input_channels(config)):.3f} GFLOPs " \
+                    f"at {config.DATA.IMG_SIZE} px"
+        except Exception as err:  # a FLOPs-tracing problem must not stop training
+            logger.warning("GFLOPs not counted: %s", " ".join(str(err).split())[:200])
+    logger.info("model %s: %.2fM trainable parameters%s%s", config.MODEL.NAME, params / 1e6,
+                f" (+{frozen:,} frozen)" if frozen else "", flops)
 
 
 def _find_auto_resume(output_dir: Path, logger: logging.Logger) -> Optional[Tuple[Path, Dict[str, Any]]]:
@@ -122,10 +125,10 @@ def _find_auto_resume(output_dir: Path, logger: logging.Logger) -> Optional[Tupl
 def _run_eval(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Loaders, model: nn.Module,
               weights: Path, checkpoint: Dict[str, Any], logger: logging.Logger) -> None:
     """Top-1/top-5 of the model and, when the file holds one, of its EMA."""
-    models.load_pretrained(model, str(weights))
+    models.load_pretrained(model, str(weights), checkpoint=checkpoint)
     results = {"model": evaluate(model, loaders.val, amp, ctx.device, logger, config.PRINT_FREQ, "model")}
     if "model_ema" in checkpoint:
-        models.load_pretrained(model, str(weights), use_ema=True)
+        models.load_pretrained(model, str(weights), use_ema=True, checkpoint=checkpoint)
         results["EMA"] = evaluate(model, loaders.val, amp, ctx.device, logger, config.PRINT_FREQ, "EMA")
     for label, result in results.items():
         logger.info("eval %s of %s: acc@1 %.3f acc@5 %.3f loss %.4f (%d images)", label, weights, result.acc1,
@@ -198,13 +201,15 @@ def _finished(resume: Optional[Tuple[Path, Dict[str, Any]]], config: CfgNode) ->
 
 
 def _train(config: CfgNode, ctx: DistContext, amp: AmpPolicy, loaders: data.Loaders, model: nn.Module,
-           output_dir: Path, resume: Optional[Tuple[Path, Dict[str, Any]]], logger: logging.Logger) -> None:
+           output_dir: Path, resume: Optional[Tuple[Path, Dict[str, Any]]],
+           pretrained: Optional[Tuple[Path, Dict[str, Any]]], logger: logging.Logger) -> None:
+    """`pretrained` (path, checkpoint): weights already loaded into `model`, whose model_ema entry (if any)
+    starts the EMA; ignored when resuming."""
     mixup = data.build_mixup(config)
     ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
-    if ema is not None and config.MODEL.PRETRAINED and resume is None \
-            and "model_ema" in ckpt.read_checkpoint(Path(config.MODEL.PRETRAINED)):
-        models.load_pretrained(ema.module, config.MODEL.PRETRAINED, use_ema=True)
-        logger.info("EMA initialised from the model_ema entry of %s", config.MODEL.PRETRAINED)
+    if ema is not None and pretrained is not None and resume is None and "model_ema" in pretrained[1]:
+        models.load_pretrained(ema.module, str(pretrained[0]), use_ema=True, checkpoint=pretrained[1])
+        logger.info("EMA initialised from the model_ema entry of %s", pretrained[0])
     lrs = scaled_lrs(config, ctx.world_size)
     logger.info("total batch %d (%d x %d processes x %d accumulation): lr %.3g, warm-up lr %.3g, min lr %.3g",
                 lrs.total_batch, config.DATA.BATCH_SIZE, ctx.world_size, config.TRAIN.ACCUMULATION_STEPS,
@@ -306,9 +311,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
             if resume is not None and found[0].resolve() != resume[0].resolve():
                 logger.info("auto-resume: %s replaces --resume %s", found[0], resume[0])
             resume = found
-    pretrained = Path(config.MODEL.PRETRAINED) if config.MODEL.PRETRAINED else None
-    if pretrained is not None:
-        ckpt.read_checkpoint(pretrained)
+    # every checkpoint is read once, here (a bad file stops the run before anything is written)
+    pretrained: Optional[Tuple[Path, Dict[str, Any]]] = None
+    if config.MODEL.PRETRAINED:
+        pretrained = Path(config.MODEL.PRETRAINED), ckpt.read_checkpoint(Path(config.MODEL.PRETRAINED))
     root = None if config.THROUGHPUT_MODE else data.resolve_data_root(config, need_train=training)
     done = _finished(resume, config) if training else None
     if done:
@@ -334,13 +340,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
         return
     loaders = data.build_loaders(config, root, ctx.rank, ctx.world_size, need_train=training)
     if config.EVAL_MODE:
-        weights, checkpoint = resume if resume is not None else (pretrained, ckpt.read_checkpoint(pretrained))
+        weights, checkpoint = resume if resume is not None else pretrained
         _run_eval(config, ctx, amp, loaders, model, weights, checkpoint, logger)
         return
     if pretrained is not None and resume is None:
-        models.load_pretrained(model, str(pretrained))
-        logger.info("model weights loaded from %s", pretrained)
-    _train(config, ctx, amp, loaders, model, output_dir, resume, logger)
+        models.load_pretrained(model, str(pretrained[0]), checkpoint=pretrained[1])
+        logger.info("model weights loaded from %s", pretrained[0])
+    _train(config, ctx, amp, loaders, model, output_dir, resume, pretrained, logger)
 
 
 def _report(message: str, every_rank: bool) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "check_state_dict", "load_pretrained"]
+__all__ = ["CheckpointError", "read_checkpoint", "read_state_dict", "state_dict_of", "check_state_dict",
+           "load_pretrained"]
 
 # The release pickles its yacs config node into checkpoints; allowlisted (process-wide) as a plain
 # OrderedDict so weights_only loading accepts those files without running any yacs code.
@@ -59,7 +60,11 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
 def read_state_dict(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, Tensor]:
     """The model (or EMA) state dict stored in `path` (a checkpoint dict or a bare state dict)."""
-    obj = read_checkpoint(path)
+    return state_dict_of(read_checkpoint(path), path, use_ema)
+
+
+def state_dict_of(obj: Dict[str, Any], path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, Tensor]:
+    """The model (or EMA) state dict in `obj`, a checkpoint dict or bare state dict already read from `path`."""
     key = "model_ema" if use_ema else "model"
     if key in obj:
         obj = obj[key]
@@ -98,8 +103,11 @@ def check_state_dict(model: nn.Module, state: Dict[str, Tensor], path: str,
     return allowed
 
 
-def load_pretrained(model: nn.Module, path: str, use_ema: bool = False) -> None:
-    """Load `path` into `model` strictly; raises CheckpointError naming missing/unexpected/mis-shaped keys."""
-    state = read_state_dict(path, use_ema=use_ema)
-    check_state_dict(model, state, path)
+def load_pretrained(model: nn.Module, path: str, use_ema: bool = False,
+                    checkpoint: Optional[Dict[str, Any]] = None) -> None:
+    """Load `path` into `model` strictly; raises CheckpointError naming missing/unexpected/mis-shaped keys.
+
+    `checkpoint`: the dict already read from `path` (read_checkpoint), so the file is not read again."""
+    state = state_dict_of(read_checkpoint(path) if checkpoint is None else checkpoint, path, use_ema)
+    check_state_dict(model, state, str(path))
     model.load_state_dict(state, strict=True)

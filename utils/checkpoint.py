@@ -168,10 +168,10 @@ def restore_run(path: Path, checkpoint: Dict[str, Any], model: nn.Module, ema: O
 
     Parts absent from the file (e.g. a weights-only release file) keep their fresh state and are logged.
     """
-    load_pretrained(model, str(path), use_ema=False)
+    load_pretrained(model, str(path), use_ema=False, checkpoint=checkpoint)
     if ema is not None:
         if "model_ema" in checkpoint:
-            load_pretrained(ema.module, str(path), use_ema=True)
+            load_pretrained(ema.module, str(path), use_ema=True, checkpoint=checkpoint)
         else:
             ema.module.load_state_dict(model.state_dict())
             logger.info("%s has no model_ema: EMA starts from the model weights", path)
