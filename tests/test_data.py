@@ -5,6 +5,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -146,3 +147,22 @@ def test_loaders_shard_across_ranks(digits: Path):
     assert sorted(val[0] + val[1]) == list(range(12))
     images, targets = next(iter(shards[0].train))
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and targets.shape == (4,)
+
+
+def test_randaugment_posterize_at_full_magnitude_keeps_zero_bits_as_black():
+    """rand-m9-mstd0.5 draws magnitude 10 now and then, where PosterizeIncreasing keeps 0 bits: a black image,
+    not Pillow's ValueError (which would stop a run); other magnitudes are Pillow's posterize."""
+    from PIL import ImageOps
+
+    from data.transforms import build_transform
+
+    transform = build_transform(make_config(), is_train=True)
+    ops = [op for step in transform.transforms for op in getattr(step, "ops", ()) if op.name == "PosterizeIncreasing"]
+    assert len(ops) == 1
+    op = ops[0]
+    op.prob, op.magnitude_std = 1.0, 0.0
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    op.magnitude = 10.0
+    assert not np.asarray(op(image)).any()
+    op.magnitude = 0.0  # 4 bits kept
+    assert np.array_equal(np.asarray(op(image)), np.asarray(ImageOps.posterize(image, 4)))
