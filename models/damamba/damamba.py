@@ -172,9 +172,9 @@ class DAMamba(StagedModel):
         return self.stages
 
     def prune_stages(self, keep: int) -> None:
-        for i in range(keep, len(self.stages)):
+        for i in range(keep, self.num_stages):  # the output norms of the dropped stages
             delattr(self, f"norm{i + 1}")
-        del self.stages[keep:]
+        super().prune_stages(keep)
 
     def forward_stem(self, x: Tensor) -> Tensor:
         return self.stem(x)

@@ -162,7 +162,7 @@ class DefMamba(StagedModel):
         return self.layers
 
     def prune_stages(self, keep: int) -> None:
-        del self.layers[keep:]
+        super().prune_stages(keep)
         self.layers[-1].downsample = nn.Identity()  # the features are taken before it
 
     def forward_stem(self, x: Tensor) -> Tensor:

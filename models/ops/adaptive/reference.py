@@ -21,7 +21,7 @@ def pixel_offsets_to_positions(offsets: Tensor, height: int, width: int) -> Tens
     """(B, H, W, G, 2) pixel offsets (dx, dy) -> (B, G, H, W, 2) normalised (y, x) align-corners positions.
 
     `height` / `width` are the sizes of the map that is sampled (at least 2 each; it may be larger than
-    the H x W grid of sample points by the padding of `adaptive_sample`).
+    the H x W grid of sample points by the padding of `adaptive_sample_reference`).
     """
     offsets = to_accumulation(offsets)  # fp16 pixel positions would be coarse at stage-1 resolution
     out_h, out_w = offsets.shape[1:3]
