@@ -32,11 +32,14 @@ class StagedModel(nn.Module):
 
     Subclasses set `num_classes`, `in_chans`, `num_features`, `head_hidden_size`, `feature_info` (one entry per
     stage, the module whose output `forward_stage` reports), build their modules, call `self.apply(self._init_weights)`
-    and implement `forward_stem`, `forward_stage` and `stage_modules`.
+    and implement `forward_stem`, `forward_stage` and `stage_modules`. Each stage keeps its blocks in `.blocks`
+    and each block its token mixer in the attribute `mixer_name`, with tensors in `output_fmt` layout
+    (utils.analyze finds the mixers this way).
     """
 
     output_fmt: str = "NCHW"   # layout of forward_features and of every stage output
     head_name: str = "head"    # attribute holding the PoolHead (the release's name)
+    mixer_name: str = "op"     # attribute of every block holding its token mixer (read by utils.analyze)
     init_convs: bool = False   # also initialise convolutions (fan-out normal), as DAMamba's release does
 
     def forward_stem(self, x: Tensor) -> Tensor:

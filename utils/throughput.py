@@ -1,15 +1,16 @@
-"""Inference throughput (images/s) of a model at a fixed batch: warm-up, then timed forwards with sync."""
+"""Throughput (images/s) of a model at a fixed batch: warm-up, then timed forwards (or training steps) with sync."""
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .amp import AmpPolicy
+from .amp import AmpPolicy, GradStepper
 
 __all__ = ["WARMUP_ITERS", "TIMED_ITERS", "CPU_WARMUP_ITERS", "CPU_TIMED_ITERS", "measure_throughput",
-           "format_rate"]
+           "measure_train_throughput", "format_rate"]
 
 # As in the release: 50 untimed forwards (autotuning, caches), then 30 timed ones.
 WARMUP_ITERS = 50
@@ -24,12 +25,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _iterations(device: torch.device, warmup: Optional[int], timed: Optional[int]) -> tuple:
+    default = (CPU_WARMUP_ITERS, CPU_TIMED_ITERS) if device.type == "cpu" else (WARMUP_ITERS, TIMED_ITERS)
+    return (default[0] if warmup is None else warmup), (default[1] if timed is None else max(timed, 1))
+
+
 @torch.no_grad()
 def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, amp: AmpPolicy,
-                       device: torch.device) -> float:
+                       device: torch.device, warmup: Optional[int] = None, timed: Optional[int] = None) -> float:
     """Images per second of `model.eval()` on random input of the given batch, under `amp`."""
     model.eval()
-    warmup, timed = (CPU_WARMUP_ITERS, CPU_TIMED_ITERS) if device.type == "cpu" else (WARMUP_ITERS, TIMED_ITERS)
+    warmup, timed = _iterations(device, warmup, timed)
     images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     with amp.autocast():
         for _ in range(warmup):
@@ -39,6 +45,40 @@ def measure_throughput(model: nn.Module, batch_size: int, img_size: int, in_chan
         for _ in range(timed):
             model(images)
         _sync(device)
+    return timed * batch_size / (time.perf_counter() - start)
+
+
+def measure_train_throughput(model: nn.Module, batch_size: int, img_size: int, in_chans: int, amp: AmpPolicy,
+                             device: torch.device, clip_grad: float = 5.0, warmup: Optional[int] = None,
+                             timed: Optional[int] = None) -> float:
+    """Images per second of training steps as the trainer takes them (autocast forward, cross-entropy, scaled
+    backward, grad-norm clip, AdamW) on random input and labels already on `device`; no data loading, no EMA.
+
+    The model's weights change: measure on a copy if they matter."""
+    model.train()
+    warmup, timed = _iterations(device, warmup, timed)
+    images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
+    labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    stepper = GradStepper(amp, clip_grad)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with amp.autocast():
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        stepper.backward(loss)
+        stepper.clip(optimizer, params)
+        stepper.apply(optimizer)
+
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()
+    _sync(device)
     return timed * batch_size / (time.perf_counter() - start)
 
 

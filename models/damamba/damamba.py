@@ -119,6 +119,7 @@ class DAMamba(StagedModel):
     """DAMamba classifier / backbone with timm's model interface (see models/base.py)."""
 
     output_fmt = "NCHW"
+    mixer_name = "token_mixer"
     head_name = "head"
     init_convs = True
 
