@@ -154,7 +154,7 @@ class TinyClassifier(nn.Module):
 
 def test_throughput_rows_and_table():
     # labelled as a model with official figures, to check they are looked up and printed beside ours
-    loaded = LoadedModel("defmamba_tiny", TinyClassifier().eval(), None, 32)
+    loaded = LoadedModel("ours", TinyClassifier().eval(), None, 32, name="defmamba_tiny")
     before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     rows = throughput.measure_rows([loaded], [2], AmpPolicy(False, torch.bfloat16, "cpu"), torch.device("cpu"),
                                    warmup=0, timed=1, progress=lambda line: None)
@@ -163,12 +163,22 @@ def test_throughput_rows_and_table():
     # training ran on a copy: the measured model keeps its weights
     assert all(torch.equal(before[k], v) for k, v in loaded.model.state_dict().items())
     table = throughput.markdown_table(rows, "a test CPU")
-    line = next(line for line in table.splitlines() if line.startswith("| defmamba_tiny"))
+    line = next(line for line in table.splitlines() if line.startswith("| ours"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[:4] == ["defmamba_tiny", "2", "32", "fp32"]
+    assert cells[:4] == ["ours", "2", "32", "fp32"]
     assert cells[4] == f"{rows[0]['train_img_s']:.1f}" and cells[7] == "-"
     assert cells[8:] == ["549 [1]", "1771 [1]", "10.7"]
     assert "[1] official release, 1x H100" in table
+
+
+def test_throughput_command_writes_the_table(tmp_path, capsys):
+    table, record = tmp_path / "t.md", tmp_path / "t.json"
+    assert main(["throughput", "--model", "ours=configs/demo.yaml", "--batch-sizes", "1,2", "--no-train",
+                 "--warmup", "0", "--steps", "1", "--amp-dtype", "bf16", "--out", str(table),
+                 "--json", str(record)]) == 0
+    rows = json.loads(record.read_text())["rows"]
+    assert [(r["model"], r["batch"], r["amp"]) for r in rows] == [("ours", 1, "bf16"), ("ours", 2, "bf16")]
+    assert "train_img_s" not in rows[0] and table.read_text() in capsys.readouterr().out
 
 
 @pytest.fixture

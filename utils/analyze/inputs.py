@@ -34,11 +34,13 @@ class AnalysisError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode with the transform its images need and the label figures show."""
+    """A model in eval mode with the transform its images need, the label figures show and its name (the
+    config's MODEL.NAME or the timm name: what official figures are keyed by)."""
     label: str
     model: nn.Module
     transform: Callable[[Image.Image], Tensor]
     img_size: int
+    name: str = ""
 
 
 def load_model(spec: str, img_size: Optional[int] = None, use_ema: bool = False) -> LoadedModel:
@@ -62,16 +64,15 @@ def load_model(spec: str, img_size: Optional[int] = None, use_ema: bool = False)
                 config.DATA.IMG_SIZE = img_size
                 config.freeze()
             model = build_model(config)
-            transform, size = build_transform(config, is_train=False), config.DATA.IMG_SIZE
-            label = label or config.MODEL.NAME
+            transform, size, name = build_transform(config, is_train=False), config.DATA.IMG_SIZE, config.MODEL.NAME
         else:
             model, transform, size = _timm_model(target, img_size)
-            label = label or target
+            name = target
         if checkpoint:
             load_pretrained(model, checkpoint, use_ema=use_ema)
     except (ConfigError, CheckpointError, OSError) as err:
         raise AnalysisError(str(err)) from err
-    return LoadedModel(label, model.eval(), transform, size)
+    return LoadedModel(label or name, model.eval(), transform, size, name)
 
 
 def _timm_model(name: str, img_size: Optional[int]):

@@ -73,7 +73,7 @@ def measure_rows(models: Sequence[LoadedModel], batch_sizes: Sequence[int], amp:
                                                          warmup=warmup, timed=timed)
             row["infer_mem_gib"] = _peak_gib(device)
             loaded.model.cpu()
-            row["official"] = OFFICIAL.get(loaded.label)
+            row["official"] = OFFICIAL.get(loaded.name or loaded.label)
             rows.append(row)
     return rows
 
