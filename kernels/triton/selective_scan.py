@@ -2,21 +2,26 @@
 
 Device code only; the host side (tiling, launch, the partial-sum reduction) is models/ops/scan/triton.py.
 Contract: that of `models.ops.scan.selective_scan_fn` (u, delta (batch, D, L); A (D, N); B, C
-(batch, G, N, L); optional D, delta_bias (D,)). Arithmetic in fp32, or fp64 for fp64 inputs (so the
-kernels can be checked against float64 references in Triton's CPU interpreter, TRITON_INTERPRET=1).
+(batch, G, N, L); optional D, delta_bias (D,)), with L contiguous (stride 1) in u, delta, B, C and dy.
+Arithmetic in fp32, or fp64 for fp64 inputs (so the kernels can be checked against float64 references in
+Triton's CPU interpreter, TRITON_INTERPRET=1).
 
-Work split: one program per (batch, group, block of BLOCK_D channels of that group), holding the
-(BLOCK_D, N) state in registers and walking time step by step (the recurrence is sequential; the
-parallelism is over batch x channels).
+Work split: one program per (batch, group, block of BLOCK_D channels of that group). Time is cut into
+chunks of CHUNK steps; a program walks its chunks in order and, per chunk, loads (BLOCK_D, CHUNK) tiles of
+u, delta (and dy) and (CHUNK,) rows of B and C, all contiguous along L. For every state n it runs the
+recurrence h_t = a_t h_{t-1} + b_t over the chunk's (BLOCK_D, CHUNK) tile with `tl.associative_scan`,
+starting from the chunk's start state, which it carries in registers as a (BLOCK_D, BLOCK_N) tile.
+A state is a column of that tile: read and written with a select and a row sum, so no register tile is
+ever indexed.
 
-Memory stays O(inputs): time is cut into chunks of CHUNK = min(64, L) steps and the forward stores
-only the state at the start of every chunk, `states` (batch, D, chunks, N). The backward visits the
-chunks last to first: it recomputes the chunk's states from the stored start state into a small
-per-program scratch buffer (chunk + 1 states), then runs the adjoint recurrence backwards through it.
+Forward: y is written once per chunk; the state at the start of every chunk but the first is stored,
+`states` (batch, D, chunks - 1, N). Backward: chunks last to first; each is recomputed from its stored
+start state and the adjoint g_t = dy_t C_t + a_{t+1} g_{t+1} runs as a reverse associative scan over the
+same tile, carrying q = a g across chunks; nothing is written per time step except the gradients.
 
-Determinism: no atomics. dB/dC are written as per-channel-block partial sums (batch, G, blocks, N, L)
-and dA/dD/ddelta_bias as per-batch partials (batch, D[, N]); each partial is written by exactly one
-program and they are added up with `torch.sum`, so results are bitwise reproducible.
+Determinism: no atomics. dB/dC are sums over a group's channels: each channel block writes its own rows
+(straight into dB/dC when a group is one block, else fp32 partials (batch, G, blocks, N, L) that the host
+adds up in a fixed order), dA/dD/ddelta_bias are per-batch partials; results are bitwise reproducible.
 """
 from __future__ import annotations
 
@@ -25,29 +30,65 @@ import triton.language as tl
 
 __all__ = ["scan_fwd_kernel", "scan_bwd_kernel"]
 
+# Sizes and strides are not specialised by the JIT (that would compile one kernel per sequence length); the
+# host passes ALIGN instead, the largest power of two (<= 16 bytes) dividing every (batch, D, L) row start, so
+# that Triton can vectorise the row loads and give each thread ALIGN consecutive steps of the tile: the scan is
+# then mostly sequential in registers and only log2(lanes) shuffle steps deep.
+_RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "su_b", "su_d", "sdl_b", "sdl_d", "sA_d",
+                 "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
+_UNALIGNED = ["B_ptr", "C_ptr"]  # views of the x projection at any offset
+
 
 @triton.jit
+def _softplus(x):
+    # log(1 + e^x) keeping the digits of small e^x (Goldberg's log1p; no portable tl.log1p)
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    return tl.where(x > 20.0, x, tl.where(w == 1.0, e, tl.log(w) * (e / (w - 1.0))))
+
+
+@triton.jit
+def _recurrence(a1, b1, a2, b2):
+    # (a1, b1) then (a2, b2): h -> a2 (a1 h + b1) + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _adjoint(f2, p2, s2, f1, p1, s1):
+    # reverse scan (Triton passes the later segment first). A segment [i, j) is (a_i, prod a_{i+1..j-1},
+    # sum_k prod a_{i+1..k} x_k): then g_i = s + p a_j g_j, the recurrence g_t = x_t + a_{t+1} g_{t+1}
+    w = p1 * f2
+    return f1, w * p2, s1 + w * s2
+
+
+@triton.jit
+def _load_tile(ptr, row, t, mask, ACC: tl.constexpr):
+    return tl.load(ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
     L, G, per_group, N, nchunk,
-    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sA_d, sA_n,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l,
+    su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
-    b = pid_bg // G
+    b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = ch < per_group
     d = g * per_group + ch
     n = tl.arange(0, BLOCK_N)
-    mask_n = n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_dn = mask_d[:, None] & (n < N)[None, :]
+    steps = tl.arange(0, CHUNK)
+    last = (steps == CHUNK - 1)[None, :]
+    SINGLE: tl.constexpr = BLOCK_N == 1  # DAMamba, VMamba: the state selects below fold away
     dim = G * per_group
 
-    # padded channels/states read A = 0, B = C = u = 0: their state stays 0 and they add nothing
-    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=mask_dn, other=0.0).to(ACC)
+    # padded channels/states read A = 0, u = B = C = 0: their state stays 0 and they add nothing
+    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :], mask=mask_dn, other=0.0).to(ACC)
     bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(ACC)
@@ -55,56 +96,62 @@ def scan_fwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = u_ptr + b * su_b + d * su_d
-    delta_row = delta_ptr + b * sdl_b + d * sdl_d
-    B_row = B_ptr + b * sB_b + g * sB_g + n * sB_n
-    C_row = C_ptr + b * sC_b + g * sC_g + n * sC_n
-    y_row = y_ptr + (b * dim + d) * L
-    state_ptrs = states_ptr + ((b * dim + d[:, None]) * nchunk) * N + n[None, :]
+    u_row = tl.multiple_of(b * su_b + d * su_d, ALIGN)
+    delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
+    y_row = tl.multiple_of((b * dim + d) * L, ALIGN)
+    B_row = B_ptr + b * sB_b + g * sB_g
+    C_row = C_ptr + b * sC_b + g * sC_g
+    state_ptrs = states_ptr + (b * dim + d[:, None]) * (nchunk - 1) * N + n[None, :]
 
-    h = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
+    H = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     for c in range(nchunk):
-        tl.store(state_ptrs + c * N, h.to(states_ptr.dtype.element_ty), mask=mask_dn)
-        for s in range(CHUNK):
-            t = c * CHUNK + s
-            valid = t < L
-            dt = tl.load(delta_row + t * sdl_l, mask=mask_d & valid, other=0.0).to(ACC) + bias
-            if SOFTPLUS:
-                # log(1 + e^x) keeping the digits of small e^x (Goldberg's log1p; no portable tl.log1p)
-                x = tl.exp(tl.minimum(dt, 20.0))
-                w = 1.0 + x
-                dt = tl.where(dt > 20.0, dt, tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0))))
-            u = tl.load(u_row + t * su_l, mask=mask_d & valid, other=0.0).to(ACC)
-            Bt = tl.load(B_row + t * sB_l, mask=mask_n & valid, other=0.0).to(ACC)
-            Ct = tl.load(C_row + t * sC_l, mask=mask_n & valid, other=0.0).to(ACC)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            y = tl.sum(h * Ct[None, :], axis=1) + Dskip * u
-            tl.store(y_row + t, y.to(y_ptr.dtype.element_ty), mask=mask_d & valid)
+        t = c * CHUNK + steps
+        mask_t = t < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        u = _load_tile(u_ptr, u_row, t, mask, ACC)
+        dt = _load_tile(delta_ptr, delta_row, t, mask, ACC) + bias[:, None]
+        if SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(mask, dt, 0.0)  # steps past L: a = 1, b = 0 keep the state
+        dtu = dt * u
+        y = Dskip[:, None] * u
+        for i in range(N):
+            sel = ((n == i) | SINGLE)[None, :]
+            B_i = tl.load(B_row + i * sB_n + t, mask=mask_t, other=0.0).to(ACC)
+            C_i = tl.load(C_row + i * sC_n + t, mask=mask_t, other=0.0).to(ACC)
+            a = tl.exp(dt * tl.sum(tl.where(sel, A, 0.0), axis=1)[:, None])
+            pa, pb = tl.associative_scan((a, dtu * B_i[None, :]), 1, _recurrence)
+            h = pa * tl.sum(tl.where(sel, H, 0.0), axis=1)[:, None] + pb
+            y += h * C_i[None, :]
+            H = tl.where(sel, tl.sum(tl.where(last, h, 0.0), axis=1)[:, None], H)
+        tl.store(y_ptr + y_row[:, None] + t[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(state_ptrs + c * N, H.to(states_ptr.dtype.element_ty), mask=mask_dn & (c + 1 < nchunk))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def scan_bwd_kernel(
-    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr, scratch_h_ptr, scratch_dt_ptr,
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     L, G, per_group, N, nchunk, nblock,
-    su_b, su_d, su_l, sdl_b, sdl_d, sdl_l, sA_d, sA_n,
-    sB_b, sB_g, sB_n, sB_l, sC_b, sC_g, sC_n, sC_l, sdy_b, sdy_d, sdy_l,
+    su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdy_b, sdy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     pid_blk = tl.program_id(1)
-    b = pid_bg // G
+    b = (pid_bg // G).to(tl.int64)
     g = pid_bg % G
     ch = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = ch < per_group
     d = g * per_group + ch
     n = tl.arange(0, BLOCK_N)
-    mask_n = n < N
-    mask_dn = mask_d[:, None] & mask_n[None, :]
+    mask_dn = mask_d[:, None] & (n < N)[None, :]
+    steps = tl.arange(0, CHUNK)
+    first = (steps == 0)[None, :]
+    SINGLE: tl.constexpr = BLOCK_N == 1
     dim = G * per_group
 
-    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :] * sA_n, mask=mask_dn, other=0.0).to(ACC)
+    A = tl.load(A_ptr + d[:, None] * sA_d + n[None, :], mask=mask_dn, other=0.0).to(ACC)
     bias = tl.zeros((BLOCK_D,), dtype=ACC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(ACC)
@@ -112,75 +159,63 @@ def scan_bwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = u_ptr + b * su_b + d * su_d
-    delta_row = delta_ptr + b * sdl_b + d * sdl_d
-    dy_row = dy_ptr + b * sdy_b + d * sdy_d
-    B_row = B_ptr + b * sB_b + g * sB_g + n * sB_n
-    C_row = C_ptr + b * sC_b + g * sC_g + n * sC_n
-    out_row = (b * dim + d) * L                      # du, ddelta: contiguous (batch, D, L)
-    part_row = ((pid_bg * nblock + pid_blk) * N + n) * L  # dB, dC partials: (batch, G, nblock, N, L)
-    state_ptrs = states_ptr + ((b * dim + d[:, None]) * nchunk) * N + n[None, :]
-    program = pid_bg * nblock + pid_blk
-    scratch_h = scratch_h_ptr + program * (CHUNK + 1) * BLOCK_D * BLOCK_N \
-        + tl.arange(0, BLOCK_D)[:, None] * BLOCK_N + n[None, :]
-    scratch_dt = scratch_dt_ptr + program * 2 * CHUNK * BLOCK_D + tl.arange(0, BLOCK_D)
+    u_row = tl.multiple_of(b * su_b + d * su_d, ALIGN)
+    delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
+    dy_row = tl.multiple_of(b * sdy_b + d * sdy_d, ALIGN)
+    out_row = tl.multiple_of((b * dim + d) * L, ALIGN)            # du, ddelta: contiguous (batch, D, L)
+    part_row = (pid_bg * nblock + pid_blk).to(tl.int64) * N * L   # dB, dC rows: (batch, G, nblock, N, L)
+    B_row = B_ptr + b * sB_b + g * sB_g
+    C_row = C_ptr + b * sC_b + g * sC_g
+    state_ptrs = states_ptr + (b * dim + d[:, None]) * (nchunk - 1) * N + n[None, :]
 
-    q = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)  # a_{t+1} g_{t+1}: the adjoint flowing back into step t
+    Q = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)   # a_t g_t at the first step of the chunk after this one
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     dD = tl.zeros((BLOCK_D,), dtype=ACC)
     dbias = tl.zeros((BLOCK_D,), dtype=ACC)
-    for i in range(nchunk):
-        c = nchunk - 1 - i
-        # recompute the chunk into the scratch: slot s + 1 holds h_{c*CHUNK + s} (slot 0 the start state),
-        # with dt and d dt / d delta of each step
-        h = tl.load(state_ptrs + c * N, mask=mask_dn, other=0.0).to(ACC)
-        tl.store(scratch_h, h)
-        for s in range(CHUNK):
-            t = c * CHUNK + s
-            valid = t < L
-            pre = tl.load(delta_row + t * sdl_l, mask=mask_d & valid, other=0.0).to(ACC) + bias
-            if SOFTPLUS:
-                x = tl.exp(tl.minimum(pre, 20.0))
-                w = 1.0 + x
-                dt = tl.where(pre > 20.0, pre, tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0))))
-                tl.store(scratch_dt + (CHUNK + s) * BLOCK_D, 1.0 / (1.0 + tl.exp(-pre)))  # softplus' = sigmoid
-            else:
-                dt = pre
-            u = tl.load(u_row + t * su_l, mask=mask_d & valid, other=0.0).to(ACC)
-            Bt = tl.load(B_row + t * sB_l, mask=mask_n & valid, other=0.0).to(ACC)
-            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
-            tl.store(scratch_h + (s + 1) * BLOCK_D * BLOCK_N, h)
-            tl.store(scratch_dt + s * BLOCK_D, dt)
-        tl.debug_barrier()
-        # adjoint, last step first: g_t = dy_t C_t + a_{t+1} g_{t+1}. Steps past L have dy = C = 0, so g = 0.
-        for j in range(CHUNK):
-            s = CHUNK - 1 - j
-            t = c * CHUNK + s
-            valid = t < L
-            dt = tl.load(scratch_dt + s * BLOCK_D)
-            u = tl.load(u_row + t * su_l, mask=mask_d & valid, other=0.0).to(ACC)
-            dy = tl.load(dy_row + t * sdy_l, mask=mask_d & valid, other=0.0).to(ACC)
-            Bt = tl.load(B_row + t * sB_l, mask=mask_n & valid, other=0.0).to(ACC)
-            Ct = tl.load(C_row + t * sC_l, mask=mask_n & valid, other=0.0).to(ACC)
-            h = tl.load(scratch_h + (s + 1) * BLOCK_D * BLOCK_N)
-            h_prev = tl.load(scratch_h + s * BLOCK_D * BLOCK_N)
-            a = tl.exp(dt[:, None] * A)
-            gr = dy[:, None] * Ct[None, :] + q
-            da = gr * a * h_prev                     # d loss / d (dt A)
-            gB = tl.sum(gr * Bt[None, :], axis=1)
-            du = dt * gB + Dskip * dy
-            ddt = u * gB + tl.sum(da * A, axis=1)
-            if SOFTPLUS:
-                ddt = ddt * tl.load(scratch_dt + (CHUNK + s) * BLOCK_D)
-            dA += da * dt[:, None]
-            dD += dy * u
-            dbias += ddt
-            tl.store(du_ptr + out_row + t, du.to(du_ptr.dtype.element_ty), mask=mask_d & valid)
-            tl.store(ddelta_ptr + out_row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=mask_d & valid)
-            tl.store(dB_ptr + part_row + t, tl.sum(gr * (dt * u)[:, None], axis=0), mask=mask_n & valid)
-            tl.store(dC_ptr + part_row + t, tl.sum(h * dy[:, None], axis=0), mask=mask_n & valid)
-            q = a * gr
-        tl.debug_barrier()  # the next chunk rewrites the scratch
+    for k in range(nchunk):
+        c = nchunk - 1 - k
+        t = c * CHUNK + steps
+        mask_t = t < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        H0 = tl.load(state_ptrs + (c - 1) * N, mask=mask_dn & (c > 0), other=0.0).to(ACC)
+        u = _load_tile(u_ptr, u_row, t, mask, ACC)
+        dy = _load_tile(dy_ptr, dy_row, t, mask, ACC)
+        dt = _load_tile(delta_ptr, delta_row, t, mask, ACC) + bias[:, None]
+        slope = tl.full(dt.shape, 1.0, ACC)            # d dt / d delta
+        if SOFTPLUS:
+            slope = 1.0 / (1.0 + tl.exp(-dt))          # softplus' = sigmoid
+            dt = _softplus(dt)
+        dt = tl.where(mask, dt, 0.0)
+        dtu = dt * u
+        gB = tl.zeros((BLOCK_D, CHUNK), dtype=ACC)    # sum_n g B: d/d(dt u)
+        gA = tl.zeros((BLOCK_D, CHUNK), dtype=ACC)    # sum_n A d/d(dt A)
+        for i in range(N):
+            sel = ((n == i) | SINGLE)[None, :]
+            A_i = tl.sum(tl.where(sel, A, 0.0), axis=1)[:, None]
+            B_i = tl.load(B_row + i * sB_n + t, mask=mask_t, other=0.0).to(ACC)[None, :]
+            C_i = tl.load(C_row + i * sC_n + t, mask=mask_t, other=0.0).to(ACC)[None, :]
+            # recompute the chunk's states from its start state
+            a = tl.exp(dt * A_i)
+            bb = dtu * B_i
+            pa, pb = tl.associative_scan((a, bb), 1, _recurrence)
+            h = pa * tl.sum(tl.where(sel, H0, 0.0), axis=1)[:, None] + pb
+            # adjoint from the carry q = a g of the next chunk's first step
+            _, p, s = tl.associative_scan((a, tl.full(a.shape, 1.0, ACC), dy * C_i), 1, _adjoint, reverse=True)
+            gr = s + p * tl.sum(tl.where(sel, Q, 0.0), axis=1)[:, None]
+            Q = tl.where(sel, tl.sum(tl.where(first, a * gr, 0.0), axis=1)[:, None], Q)
+            da = gr * (h - bb)                        # d loss / d(dt A) = g a h_{t-1}, and a h_{t-1} = h - b
+            dA += tl.where(sel, tl.sum(da * dt, axis=1)[:, None], 0.0)
+            gB += gr * B_i
+            gA += da * A_i
+            row = part_row + i * L + t
+            tl.store(dB_ptr + row, tl.sum(gr * dtu, axis=0).to(dB_ptr.dtype.element_ty), mask=mask_t)
+            tl.store(dC_ptr + row, tl.sum(h * dy, axis=0).to(dC_ptr.dtype.element_ty), mask=mask_t)
+        du = dt * gB + Dskip[:, None] * dy
+        ddt = tl.where(mask, (u * gB + gA) * slope, 0.0)
+        tl.store(du_ptr + out_row[:, None] + t[None, :], du.to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(ddelta_ptr + out_row[:, None] + t[None, :], ddt.to(ddelta_ptr.dtype.element_ty), mask=mask)
+        dD += tl.sum(dy * u, axis=1)
+        dbias += tl.sum(ddt, axis=1)
 
     tl.store(dA_ptr + (b * dim + d[:, None]) * N + n[None, :], dA, mask=mask_dn)
     tl.store(dD_ptr + b * dim + d, dD, mask=mask_d)

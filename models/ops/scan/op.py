@@ -10,7 +10,7 @@ is a `models.ops.backends.Backend` value chosen by the front end (__init__.py), 
 the shapes. `saved` is what that backend's backward needs, so no (batch, D, L, N) tensor is kept:
 
     cuda    the extension's fp32 tile states (batch, D, ceil(L/64) - 1, 16 or 64)
-    triton  the state at the start of every chunk (batch, D, chunks, N)
+    triton  the state at the start of every chunk but the first (batch, D, chunks - 1, N)
     torch   nothing (an empty tensor): the backward op recomputes the forward
 
 dD and ddelta_bias are unspecified when D and delta_bias are None (autograd returns None for them).

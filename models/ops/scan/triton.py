@@ -1,13 +1,18 @@
 """Triton backend of the selective scan: host side of the kernels in kernels/triton/selective_scan.py.
 
-Tiling, chunking and the second (deterministic) reduction pass of the partial gradients; the kernel design
+Tiling, launch and the second (deterministic) reduction pass of the partial gradients; the kernel design
 (work split, chunked recompute, memory, determinism) is described with the kernels. Triton compiles them at
 their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for tests).
+
+`plan_forward` / `plan_backward` build a launch without running it, so the launch configurations the models
+use can be compiled ahead of time and inspected on a machine without a GPU (benchmarks/kernel_analysis.py).
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Tuple
+import math
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -15,72 +20,134 @@ from torch import Tensor
 
 from kernels.triton import selective_scan as kernels
 
-__all__ = ["scan_forward", "scan_backward", "state_shape", "chunk_length"]
+from ..backends import triton_interpreting
 
-MAX_CHUNK = 64  # steps between stored states: states cost N / MAX_CHUNK of an fp32 copy of u
+__all__ = ["scan_forward", "scan_backward", "plan_forward", "plan_backward", "state_shape", "tiling", "Tiling"]
+
+# Steps per chunk: the backward issues 4 row loads/stores per state and chunk, so N = 16 wants 128 steps to stay
+# under one memory instruction per step; one state is cheap, and longer chunks store fewer states.
+MAX_CHUNK = {False: 128, True: 256}          # keyed by N == 1
+TILE = 2048                                   # (channels x steps) values per tile
+PER_THREAD = 4                                # tile values per thread and array: bounds the registers (<= 128)
+MIN_BLOCK_D = 16                              # below this, B/C rows are re-read by too many channel blocks
 
 
-def chunk_length(length: int) -> int:
-    """Steps per chunk for a sequence of `length` (short sequences are one chunk)."""
-    return max(1, min(MAX_CHUNK, length))
+class Tiling(NamedTuple):
+    block_d: int
+    block_n: int
+    chunk: int
+    num_warps: int
+
+
+def tiling(per_group: int, nstate: int, length: int) -> Tiling:
+    """Channels per program, padded states, steps per chunk and warps (derived on the CPU, not GPU-tuned)."""
+    odd = length % 2 == 1
+    # odd L: rows are not vector-aligned, so a thread holds one step per row and the scan runs across lanes;
+    # one warp's width of steps keeps it inside a warp, half the values per thread keep the registers
+    chunk = min(32 if odd else MAX_CHUNK[nstate == 1], triton.next_power_of_2(length))
+    tile, per_thread = (TILE // 2, PER_THREAD // 2) if odd else (TILE, PER_THREAD)
+    block_d = min(triton.next_power_of_2(per_group), max(1, tile // chunk))
+    padded = lambda bd: triton.cdiv(per_group, bd) * bd  # noqa: E731
+    while block_d > MIN_BLOCK_D and padded(block_d // 2) < padded(block_d):
+        block_d //= 2  # e.g. 48 channels: three blocks of 16, not one of 64 with 16 idle
+    warps = max(1, min(16, block_d * chunk // (32 * per_thread)))
+    return Tiling(block_d, triton.next_power_of_2(nstate), chunk, warps)
 
 
 def state_shape(batch: int, dim: int, length: int, nstate: int) -> Tuple[int, int, int, int]:
-    """Shape of the `states` tensor that `scan_forward` returns and `scan_backward` takes."""
-    return batch, dim, triton.cdiv(length, chunk_length(length)), nstate
+    """Shape of the `states` tensor that `scan_forward` returns and `scan_backward` takes: the state at the
+    start of every chunk but the first (which is zero)."""
+    return batch, dim, triton.cdiv(length, tiling(1, nstate, length).chunk) - 1, nstate
+
+
+class Launch(NamedTuple):
+    """One kernel launch, built but not run: `launch()` runs it."""
+    kernel: Any
+    grid: Tuple[int, int]
+    args: Tuple[Any, ...]
+    meta: Dict[str, Any]
+
+    def launch(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
 
 
 def _accumulation(u: Tensor):
     return (torch.float64, tl.float64) if u.dtype == torch.float64 else (torch.float32, tl.float32)
 
 
-def _tiling(per_group: int, nstate: int) -> Tuple[int, int]:
-    """(BLOCK_D, BLOCK_N): a (channels x states) register tile of at most 256 values (untuned on GPUs)."""
-    block_n = triton.next_power_of_2(nstate)
-    block_d = max(1, min(triton.next_power_of_2(per_group), 256 // block_n))
-    return block_d, block_n
+def _steps_contiguous(x: Tensor) -> Tensor:
+    """The kernels read along L with stride 1 (views such as torch.split of the x projection already do)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _flags(D: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, acc) -> dict:
-    return dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=acc)
+def row_alignment(*rows: Tensor) -> int:
+    """Largest power of two, at most 8, dividing the element offset of every (batch, channel) row start of
+    `rows` (and so of the contiguous (batch, D, L) outputs, whose rows start at multiples of L)."""
+    value = 0
+    for x in rows:
+        value = math.gcd(value, x.storage_offset(), *x.stride()[:-1], x.shape[-1])
+    return math.gcd(value, 8) if value else 8
 
 
-class _Launch(NamedTuple):
-    """Sizes, dtypes and tiling shared by the forward and backward launches."""
-    batch: int
-    dim: int
-    length: int
-    groups: int
-    per_group: int
-    nstate: int
-    torch_acc: torch.dtype
-    tl_acc: Any
-    block_d: int
-    block_n: int
-    chunk: int
-
-
-def _launch(u: Tensor, A: Tensor, B: Tensor) -> _Launch:
+def _common(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+            delta_bias: Optional[Tensor], delta_softplus: bool, *more_rows: Tensor):
+    u, delta, B, C = (_steps_contiguous(x) for x in (u, delta, B, C))
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
-    per_group = dim // groups
-    return _Launch(batch, dim, length, groups, per_group, nstate, *_accumulation(u), *_tiling(per_group, nstate),
-                   chunk_length(length))
+    tiles = tiling(dim // groups, nstate, length)
+    nchunk = triton.cdiv(length, tiles.chunk)
+    torch_acc, tl_acc = _accumulation(u)
+    meta = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=tl_acc,
+                BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n, CHUNK=tiles.chunk,
+                ALIGN=row_alignment(u, delta, *more_rows), num_warps=tiles.num_warps)
+    nblock = triton.cdiv(dim // groups, tiles.block_d)
+    sizes = (length, groups, dim // groups, nstate, nchunk)
+    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0),
+               *B.stride()[:3], *C.stride()[:3])
+    return (u, delta, B, C), (batch * groups, nblock), sizes, strides, meta, torch_acc
+
+
+def plan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Launch, Tensor, Tensor]:
+    """The forward launch and its outputs y (batch, D, L) in the accumulation dtype and the chunk states."""
+    (u, delta, B, C), grid, sizes, strides, meta, torch_acc = _common(u, delta, A, B, C, D, delta_bias,
+                                                                      delta_softplus)
+    y = torch.empty(u.shape, device=u.device, dtype=torch_acc)
+    states = torch.empty(state_shape(*u.shape[:2], u.shape[2], A.shape[1]), device=u.device, dtype=torch_acc)
+    args = (u, delta, A, B, C, D, delta_bias, y, states, *sizes, *strides)
+    return Launch(kernels.scan_fwd_kernel, grid, args, meta), y, states
+
+
+def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor
+                  ) -> Tuple[Launch, Tuple[Tensor, ...]]:
+    """The backward launch and the buffers it fills: du, ddelta, and the partials of dA, dB, dC, dD, dbias."""
+    dy = _steps_contiguous(dy)
+    (u, delta, B, C), grid, sizes, strides, meta, torch_acc = _common(u, delta, A, B, C, D, delta_bias,
+                                                                      delta_softplus, dy)
+    batch, dim, length = u.shape
+    groups, nblock = B.shape[1], grid[1]
+    dev = u.device
+    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
+    ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
+    dA = torch.empty(batch, dim, A.shape[1], device=dev, dtype=torch_acc)
+    # one channel block per group: its rows are the whole sum, written in B's / C's dtype
+    parts = (1, B.dtype, C.dtype) if nblock == 1 else (nblock, torch_acc, torch_acc)
+    dB = torch.empty(batch, groups, parts[0], A.shape[1], length, device=dev, dtype=parts[1])
+    dC = torch.empty(batch, groups, parts[0], A.shape[1], length, device=dev, dtype=parts[2])
+    dD = torch.empty(batch, dim, device=dev, dtype=torch_acc)
+    dbias = torch.empty_like(dD)
+    length_, groups_, per_group, nstate, nchunk = sizes
+    args = (u, delta, A, B, C, D, delta_bias, dy, states, du, ddelta, dA, dB, dC, dD, dbias,
+            length_, groups_, per_group, nstate, nchunk, nblock, *strides, dy.stride(0), dy.stride(1))
+    return Launch(kernels.scan_bwd_kernel, grid, args, meta), (du, ddelta, dA, dB, dC, dD, dbias)
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
     """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`."""
-    batch, dim, length, groups, per_group, nstate, torch_acc, tl_acc, block_d, block_n, chunk = _launch(u, A, B)
-    y = torch.empty(batch, dim, length, device=u.device, dtype=torch_acc)
-    states = torch.empty(state_shape(batch, dim, length, nstate), device=u.device, dtype=torch_acc)
-    grid = (batch * groups, triton.cdiv(per_group, block_d))
-    kernels.scan_fwd_kernel[grid](
-        u, delta, A, B, C, D, delta_bias, y, states,
-        length, groups, per_group, nstate, states.shape[2],
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(),
-        **_flags(D, delta_bias, delta_softplus, tl_acc), BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-    )
+    launch, y, states = plan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
+    launch.launch()
     return y, states
 
 
@@ -89,31 +156,37 @@ def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (dD, ddelta_bias in
     the accumulation dtype when D, delta_bias are None)."""
-    batch, dim, length, groups, per_group, nstate, torch_acc, tl_acc, block_d, block_n, chunk = _launch(u, A, B)
-    nblock = triton.cdiv(per_group, block_d)
-    grid = (batch * groups, nblock)
-    dev = u.device
-    du = torch.empty_like(u, memory_format=torch.contiguous_format)
-    ddelta = torch.empty_like(delta, memory_format=torch.contiguous_format)
-    dA = torch.empty(batch, dim, nstate, device=dev, dtype=torch_acc)
-    dB = torch.empty(batch, groups, nblock, nstate, length, device=dev, dtype=torch_acc)
-    dC = torch.empty_like(dB)
-    dD = torch.empty(batch, dim, device=dev, dtype=torch_acc)
-    dbias = torch.empty_like(dD)
-    programs = batch * groups * nblock
-    scratch_h = torch.empty(programs, chunk + 1, block_d, block_n, device=dev, dtype=torch_acc)
-    scratch_dt = torch.empty(programs, 2, chunk, block_d, device=dev, dtype=torch_acc)
-    kernels.scan_bwd_kernel[grid](
-        u, delta, A, B, C, D, delta_bias, dy, states, scratch_h, scratch_dt,
-        du, ddelta, dA, dB, dC, dD, dbias,
-        length, groups, per_group, nstate, states.shape[2], nblock,
-        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *dy.stride(),
-        **_flags(D, delta_bias, delta_softplus, tl_acc), BLOCK_D=block_d, BLOCK_N=block_n, CHUNK=chunk,
-    )
+    launch, (du, ddelta, dA, dB, dC, dD, dbias) = plan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
+                                                                 dy, states)
+    launch.launch()
+    acc = dA.dtype
     # second pass: add the per-block / per-batch partials in a fixed order (deterministic)
-    dA = dA.sum(0).to(A.dtype)
-    dB = dB.sum(2).to(B.dtype)
-    dC = dC.sum(2).to(C.dtype)
-    dD = dD.sum(0).to(D.dtype if D is not None else torch_acc)
-    dbias = dbias.sum(0).to(delta_bias.dtype if delta_bias is not None else torch_acc)
-    return du, ddelta, dA, dB, dC, dD, dbias
+    dB = dB.sum(2).to(B.dtype) if dB.shape[2] > 1 else dB.squeeze(2)
+    dC = dC.sum(2).to(C.dtype) if dC.shape[2] > 1 else dC.squeeze(2)
+    return (du, ddelta, dA.sum(0).to(A.dtype), dB, dC, dD.sum(0).to(D.dtype if D is not None else acc),
+            dbias.sum(0).to(delta_bias.dtype if delta_bias is not None else acc))
+
+
+def _scan_by_doubling(self, input):
+    """Triton's interpreter folds a tl.associative_scan with a user combine one element at a time in Python
+    (about 2,000 combine calls for one (16, 128) tile). This computes the same inclusive scan by recursive
+    doubling (x_i <- x_{i-s} . x_i for s = 1, 2, 4, ..., log2(steps) combine calls on whole arrays); the
+    combine is associative, so only the rounding order changes, as it does on the GPU's tree scan."""
+    axis = self.axis
+    data = [np.moveaxis(x.handle.data, axis, 0) for x in input]
+    length, shift = data[0].shape[0], 1
+    while shift < length:
+        # block shapes must stay powers of two: combine all positions with a shifted copy, keep i >= shift
+        left = [self.to_tensor(np.concatenate([x[:shift], x[:-shift]]), t.dtype) for x, t in zip(data, input)]
+        res = self.combine_fn.fn(*left, *(self.to_tensor(x, t.dtype) for x, t in zip(data, input)))
+        res = res if isinstance(res, tuple) else (res,)
+        data = [np.concatenate([x[:shift], np.broadcast_to(r.handle.data, x.shape)[shift:]]) for x, r in zip(data, res)]
+        shift *= 2
+    return [self.to_tensor(np.moveaxis(x, 0, axis), t.dtype) for x, t in zip(data, input)]
+
+
+if triton_interpreting():
+    from triton.runtime import interpreter as _interpreter
+
+    if hasattr(getattr(_interpreter, "ScanOps", None), "generic_scan"):
+        _interpreter.ScanOps.generic_scan = _scan_by_doubling
