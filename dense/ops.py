@@ -112,7 +112,9 @@ def using_torchvision_ops() -> bool:
 def install() -> bool:
     """Register the torchvision stand-in as `mmcv._ext` unless mmcv's compiled ops exist; True if registered.
 
-    Must run before the first `import mmcv.ops` (mmdet and mmseg import it); `import dense` does it.
+    Must run before the first successful `import mmcv.ops` (mmdet and mmseg import it); `import dense` does
+    it. After an `import mmcv.ops` that failed on the missing `mmcv._ext` it still works: the failed modules
+    are gone from sys.modules, so repeating that import runs them against the stand-in.
     """
     if using_torchvision_ops():
         return True

@@ -161,3 +161,35 @@ def test_suite_report_merges_outputs(smoke_outputs: Path):
     assert results["selective_scan"]["results"] and results["model_throughput"]["results"]
     assert sorted(p.name for p in smoke_outputs.iterdir()) == ["pytest.log", "results.json", "results.md",
                                                              "suite.log"]
+
+
+data_bench = load("data_pipeline")
+
+
+def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path: Path, capsys):
+    out = tmp_path / "data.json"
+    assert data_bench.main(["--folder", str(tmp_path / "jpegs"), "--images", "4", "--size", "64x48",
+                            "--workers", "1", "--batch", "2", "--passes", "2", "--target", "100,50",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["rates"]) == {"decode", "train", "val"}
+    assert all(r["img_s"] > 0 and r["img_s_per_cpu_s"] > 0 for r in result["rates"].values())
+    # cores per GPU is the target over the measured train rate per core
+    assert result["cores_per_gpu"]["100"] == pytest.approx(100 / result["img_s_per_core"]["train"])
+    assert result["cores_per_gpu"]["100"] == pytest.approx(2 * result["cores_per_gpu"]["50"])
+    jpegs = sorted((tmp_path / "jpegs").rglob("*.jpg"))
+    assert len(jpegs) == 4 and len({p.parent.name for p in jpegs}) == 4
+    from PIL import Image
+    with Image.open(jpegs[0]) as image:
+        assert (image.format, image.size) == ("JPEG", (64, 48))
+    assert "loader cores per GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [(["--size", "500"], "--size: expected WIDTHxHEIGHT"),
+                                          (["--passes", "1"], "--passes must be >= 2"),
+                                          (["--workers", "0"], "must be > 0")])
+def test_data_pipeline_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        data_bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

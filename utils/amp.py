@@ -73,17 +73,20 @@ class GradStepper:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def clip(self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter]) -> float:
+    def clip(self, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+        """Unscale and clip; the pre-clip total norm stays a device tensor (reading it would wait for the GPU)."""
         self.scaler.unscale_(optimizer)
         max_norm = self.clip_grad if self.clip_grad > 0 else math.inf
-        return float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        # under fp16 the scaler reads its inf/NaN flag here: the one host sync of an update
         self.scaler.step(optimizer)
         self.scaler.update()
 
     @property
     def loss_scale(self) -> float:
+        """The current fp16 loss scale (a host read: log steps only); 1 without a scaler."""
         return float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
 
     def state_dict(self) -> dict:
