@@ -14,6 +14,7 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from models import MODEL_TYPES, THIRD_BRANCHES  # the models define the values these keys take
+from models.mamba_adaptor import FUSIONS as ADAPTOR_S_FUSIONS, SOURCES as ADAPTOR_T_SOURCES
 
 __all__ = ["ConfigError", "DATASETS", "MODEL_TYPES", "AMP_DTYPES", "THIRD_BRANCHES", "get_default_config",
            "get_config", "load_yaml_config"]
@@ -53,7 +54,8 @@ _C.DATA.SKIP_CORRUPT = False
 _C.MODEL = CN()
 # Names the output sub-folder: OUTPUT/MODEL.NAME/TAG.
 _C.MODEL.NAME = "defmamba_tiny"
-# Model family: 'defmamba' (keys MODEL.DEFMAMBA) or 'damamba' (keys MODEL.DAMAMBA).
+# Model family: 'defmamba' (keys MODEL.DEFMAMBA), 'damamba' (keys MODEL.DAMAMBA), 'vmamba' (keys MODEL.VMAMBA)
+# or 'mamba_adaptor' (keys MODEL.MAMBA_ADAPTOR).
 _C.MODEL.TYPE = "defmamba"
 # Weights to start from (model and, if present, EMA); training starts at epoch 0.
 _C.MODEL.PRETRAINED = ""
@@ -74,6 +76,12 @@ _C.MODEL.DAMAMBA.LAYER_SCALE_STAGES = []
 _C.MODEL.DAMAMBA.LAYER_SCALE_INIT = 1e-6
 # Channels per offset group: each stage has DIMS[i] / HEAD_DIM groups of (dx, dy) offsets.
 _C.MODEL.DAMAMBA.HEAD_DIM = 16
+# Module-ablation switches (the DAMamba slides' Table 5, configs/ablation/damamba_*); True is the released model.
+# Offsets + adaptive sampling (else raster scan), the block's conv position encoding (ResDWC `pos_embed`),
+# the ResDWC inside the FFN (else a plain MLP). Parameters a switch leaves unused are not created.
+_C.MODEL.DAMAMBA.ADAPTIVE_SCAN = True
+_C.MODEL.DAMAMBA.CONV_POS_EMBED = True
+_C.MODEL.DAMAMBA.CONV_FFN = True
 
 _C.MODEL.DEFMAMBA = CN()
 _C.MODEL.DEFMAMBA.IN_CHANS = 3
@@ -97,6 +105,50 @@ _C.MODEL.DEFMAMBA.POINT_OFFSET = True
 _C.MODEL.DEFMAMBA.INDEX_OFFSET = True
 _C.MODEL.DEFMAMBA.OFFSET_BIAS = True
 _C.MODEL.DEFMAMBA.CHANNEL_ATTENTION = True
+
+# VMamba v2 (MODEL.TYPE vmamba, forward type v05_noz: channels-first LayerNorm, four-direction cross scan);
+# defaults are VMamba-T as released. Stage i has EMBED_DIM * 2**i channels.
+_C.MODEL.VMAMBA = CN()
+_C.MODEL.VMAMBA.IN_CHANS = 3
+_C.MODEL.VMAMBA.EMBED_DIM = 96
+_C.MODEL.VMAMBA.DEPTHS = [2, 2, 8, 2]
+_C.MODEL.VMAMBA.D_STATE = 1
+# 0 means auto: ceil(channels / 16).
+_C.MODEL.VMAMBA.DT_RANK = 0
+_C.MODEL.VMAMBA.SSM_RATIO = 1.0
+_C.MODEL.VMAMBA.MLP_RATIO = 4.0
+
+# Mamba-Adaptor (MODEL.TYPE mamba_adaptor, a reconstruction on VMamba v2, docs/mamba_adaptor.md); defaults are
+# Mamba-Adaptor-b1. Backbone keys as MODEL.VMAMBA; the adaptor keys are the paper's ablation switches.
+_C.MODEL.MAMBA_ADAPTOR = CN()
+_C.MODEL.MAMBA_ADAPTOR.IN_CHANS = 3
+_C.MODEL.MAMBA_ADAPTOR.EMBED_DIM = 48
+_C.MODEL.MAMBA_ADAPTOR.DEPTHS = [2, 2, 8, 2]
+_C.MODEL.MAMBA_ADAPTOR.D_STATE = 1
+_C.MODEL.MAMBA_ADAPTOR.DT_RANK = 0
+_C.MODEL.MAMBA_ADAPTOR.SSM_RATIO = 1.0
+_C.MODEL.MAMBA_ADAPTOR.MLP_RATIO = 4.0
+# Adaptor-T in the 0-based T_STAGES: K = T_POINTS locations and weights per token for each of T_GROUPS channel
+# groups; T_COORDS 1 (scan-sequence positions) or 2 (pixel coordinates); fractional locations interpolated
+# (else nearest); predicted from T_SOURCE 'token' or 'state' (T_DYNAMIC) or learned per position; one
+# predictor per scan direction (T_PER_DIRECTION); h + sum (T_RESIDUAL) or the sum only.
+_C.MODEL.MAMBA_ADAPTOR.ADAPTOR_T = True
+_C.MODEL.MAMBA_ADAPTOR.T_STAGES = [0, 1, 2, 3]
+_C.MODEL.MAMBA_ADAPTOR.T_POINTS = 4
+_C.MODEL.MAMBA_ADAPTOR.T_GROUPS = 4
+_C.MODEL.MAMBA_ADAPTOR.T_COORDS = 2
+_C.MODEL.MAMBA_ADAPTOR.T_INTERPOLATE = True
+_C.MODEL.MAMBA_ADAPTOR.T_DYNAMIC = True
+_C.MODEL.MAMBA_ADAPTOR.T_SOURCE = "token"
+_C.MODEL.MAMBA_ADAPTOR.T_PER_DIRECTION = False
+_C.MODEL.MAMBA_ADAPTOR.T_RESIDUAL = True
+# Adaptor-S in S_STAGES: depthwise branches (kernel, dilation), fused by 'sum' or channel 'split', + input.
+_C.MODEL.MAMBA_ADAPTOR.ADAPTOR_S = True
+_C.MODEL.MAMBA_ADAPTOR.S_STAGES = [0, 1, 2, 3]
+_C.MODEL.MAMBA_ADAPTOR.S_KERNEL_SIZES = [3, 3, 3]
+_C.MODEL.MAMBA_ADAPTOR.S_DILATIONS = [1, 2, 3]
+_C.MODEL.MAMBA_ADAPTOR.S_FUSION = "sum"
+_C.MODEL.MAMBA_ADAPTOR.S_RESIDUAL = True
 
 # -----------------------------------------------------------------------------
 # Training
@@ -249,6 +301,17 @@ def _validate(config: CN) -> None:
                               f"{list(d.DIMS)}, {list(d.DEPTHS)}, {list(d.MLP_RATIOS)}")
         if d.HEAD_DIM < 1 or any(dim % d.HEAD_DIM for dim in d.DIMS):
             raise ConfigError(f"MODEL.DAMAMBA.DIMS {list(d.DIMS)} must be multiples of HEAD_DIM ({d.HEAD_DIM})")
+    if config.MODEL.TYPE == "mamba_adaptor":
+        a = config.MODEL.MAMBA_ADAPTOR
+        if a.T_SOURCE not in ADAPTOR_T_SOURCES or a.S_FUSION not in ADAPTOR_S_FUSIONS:
+            raise ConfigError(f"MODEL.MAMBA_ADAPTOR.T_SOURCE must be one of {', '.join(ADAPTOR_T_SOURCES)} and "
+                              f"S_FUSION one of {', '.join(ADAPTOR_S_FUSIONS)}, got {a.T_SOURCE!r} and {a.S_FUSION!r}")
+        if len(a.S_KERNEL_SIZES) != len(a.S_DILATIONS):
+            raise ConfigError(f"MODEL.MAMBA_ADAPTOR.S_KERNEL_SIZES and S_DILATIONS need one entry per branch, got "
+                              f"{list(a.S_KERNEL_SIZES)} and {list(a.S_DILATIONS)}")
+        if any(not 0 <= s < len(a.DEPTHS) for s in [*a.T_STAGES, *a.S_STAGES]):
+            raise ConfigError(f"MODEL.MAMBA_ADAPTOR.T_STAGES {list(a.T_STAGES)} / S_STAGES {list(a.S_STAGES)} name "
+                              f"stages outside 0..{len(a.DEPTHS) - 1}")
     if config.TRAIN.MESA < 0 or not 0 <= config.TRAIN.MESA_START <= 1:
         raise ConfigError(f"TRAIN.MESA must be >= 0 and TRAIN.MESA_START in [0, 1], got {config.TRAIN.MESA} and "
                           f"{config.TRAIN.MESA_START}")

@@ -1,4 +1,5 @@
-"""`DefMambaBackbone` in the MMDetection and MMSegmentation MODELS registries (those of the two installed)."""
+"""The backbones (`DefMambaBackbone`, `VMambaBackbone`) in the MMDetection and MMSegmentation MODELS registries
+(those of the two installed)."""
 from __future__ import annotations
 
 import importlib
@@ -7,24 +8,37 @@ from typing import List, Optional
 
 from mmengine.logging import print_log
 
-from models.defmamba.backbone import BackboneLoadReport
-from models.defmamba.backbone import DefMambaBackbone as _Backbone
+from models.backbone import BackboneLoadReport
+from models.defmamba.backbone import DefMambaBackbone as _DefMambaBackbone
+from models.vmamba.backbone import VMambaBackbone as _VMambaBackbone
 
-__all__ = ["DefMambaBackbone", "registered_in"]
+__all__ = ["DefMambaBackbone", "VMambaBackbone", "registered_in"]
 
 
-class DefMambaBackbone(_Backbone):
+class _LoggedLoading:
+    """Mixin: report the ImageNet loading of `init_weights` in the MMEngine log."""
+
+    def init_weights(self) -> Optional[BackboneLoadReport]:
+        report = super().init_weights()
+        if report is not None:
+            print_log(f"{type(self).__name__}: {report}", logger="current")
+        return report
+
+
+class DefMambaBackbone(_LoggedLoading, _DefMambaBackbone):
     """models.defmamba.backbone.DefMambaBackbone that reports its ImageNet loading in the MMEngine log.
 
     Config keys: out_indices, pretrained (ImageNet checkpoint path, loaded by init_weights), and DefMamba's
     embed_dim, depths, drop_path_rate, d_state, dt_rank, ssm_ratio, mlp_ratio, offset_kernels, use_checkpoint.
     """
 
-    def init_weights(self) -> Optional[BackboneLoadReport]:
-        report = super().init_weights()
-        if report is not None:
-            print_log(f"DefMambaBackbone: {report}", logger="current")
-        return report
+
+class VMambaBackbone(_LoggedLoading, _VMambaBackbone):
+    """models.vmamba.backbone.VMambaBackbone that reports its ImageNet loading in the MMEngine log.
+
+    Config keys: out_indices, pretrained, and VMamba's embed_dim, depths, drop_path_rate, d_state, dt_rank,
+    ssm_ratio, mlp_ratio, use_checkpoint.
+    """
 
 
 def _register() -> List[str]:
@@ -33,7 +47,8 @@ def _register() -> List[str]:
         if importlib.util.find_spec(package) is None:
             continue
         registry = importlib.import_module(f"{package}.registry").MODELS
-        registry.register_module(name="DefMambaBackbone", module=DefMambaBackbone, force=True)
+        for backbone in (DefMambaBackbone, VMambaBackbone):
+            registry.register_module(name=backbone.__name__, module=backbone, force=True)
         scopes.append(scope)
     return scopes
 

@@ -51,12 +51,11 @@ class PoolHead(nn.Module):
             pool_type: "avg" or "" (no pooling).
             drop_rate: dropout before the linear layer.
             channels_last: the maps are (B, H, W, C) rather than (B, C, H, W).
-            norm: module applied to the map before pooling (channels-last maps only), or None.
+            norm: module applied to the map before pooling, in the map's layout (a channels-first norm for
+                NCHW maps), or None.
             fc_name: attribute name of the linear layer.
         """
         super().__init__()
-        if norm is not None and not channels_last:
-            raise ValueError("PoolHead normalises channels-last maps only")
         self.dim, self.channels_last, self.fc_name = dim, channels_last, fc_name
         self.norm = norm
         self.drop = nn.Dropout(drop_rate)

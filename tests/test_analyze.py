@@ -94,21 +94,31 @@ class TokenMap(nn.Module):
         return y if self.channels_last else y.permute(0, 3, 1, 2)
 
 
+DEMOS = {"defmamba": "configs/demo.yaml", "damamba": "configs/demo_damamba.yaml", "vmamba": "configs/demo_vmamba.yaml",
+         "mamba_adaptor": "configs/demo_mamba_adaptor.yaml"}
+
+
 def tiny_model(family):
     config = get_default_config()
-    load_yaml_config(config, Path("configs/demo.yaml" if family == "defmamba" else "configs/demo_damamba.yaml"))
+    load_yaml_config(config, Path(DEMOS[family]))
     torch.manual_seed(0)
     return build_model(config).double().eval()
 
 
-@pytest.mark.parametrize("family", ["defmamba", "damamba"])
+def test_every_family_is_covered():
+    from models import MODEL_TYPES
+
+    assert set(DEMOS) == set(MODEL_TYPES)
+
+
+@pytest.mark.parametrize("family", sorted(DEMOS))
 def test_activation_maps_of_a_copying_mixer_point_at_the_copied_token(family):
     model = tiny_model(family)
     stage = model.stage_modules()[1]
     grid = 4   # stage 2 of a 32 px input: 4 x 4 tokens
     perm = torch.randperm(grid * grid, generator=torch.Generator().manual_seed(1))
     copy = torch.eye(grid * grid)[perm]   # y_p = x_perm[p]
-    setattr(stage.blocks[-1], model.mixer_name, TokenMap(copy, family == "defmamba"))
+    setattr(stage.blocks[-1], model.mixer_name, TokenMap(copy, model.output_fmt == "NHWC"))
     queries = [(0.1, 0.1), (0.5, 0.8), (0.99, 0.3)]
     maps, tokens = activation.activation_maps(model, torch.randn(3, 32, 32, dtype=torch.float64), 1, -1, queries)
     assert tokens == [(0, 0), (2, 3), (3, 1)]

@@ -359,6 +359,41 @@ def test_torchvision_route_matches_independent_references(dense):
     assert torch.autograd.gradcheck(lambda f: mmcv.ops.roi_align(f, rois, (5, 5), 0.25, 2, "avg", True), (feat,))
 
 
+IMPORT_ORDER = """
+import sys
+sys.path.insert(0, {repo!r})
+try:
+    from mmdet.apis import init_detector  # the usual notebook start, before `import dense`
+    failed = None
+except ModuleNotFoundError as err:
+    failed = str(err)
+import dense
+from mmdet.apis import init_detector  # noqa: F401,F811  (the same import again, now with the stand-in)
+import torch
+from mmcv.ops import nms
+from mmdet.registry import MODELS
+boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)[1].tolist()
+backbone = MODELS.build(dict(type="DefMambaBackbone", embed_dim=8, depths=(1, 1, 1, 1),
+                             offset_kernels=(3, 3, 3, 3)))
+print(failed, dense.ops.using_torchvision_ops(), keep, type(backbone).__name__)
+"""
+
+
+@needs_mm
+def test_import_dense_after_a_failed_mmdet_import_recovers():
+    """`import dense` is not needed first: after mmcv-lite's raw ModuleNotFoundError, importing dense installs
+    the stand-in and the failed imports then work (Python drops the modules whose import failed)."""
+    from dense.ops import has_compiled_ops
+    if has_compiled_ops():
+        pytest.skip("mmcv's compiled ops are installed: no import can fail on mmcv._ext")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", IMPORT_ORDER.format(repo=str(REPO))], cwd="/",
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        "No module named 'mmcv._ext' True [0, 2] DefMambaBackbone")
+
+
 @needs_mm
 def test_ops_outside_the_torchvision_route_raise_naming_the_op(dense):
     import mmcv.ops
@@ -420,3 +455,25 @@ def test_mmengine_checkpoints_load_through_the_entry_points_loader(dense, tmp_pa
                 "meta": {"array": np.arange(3)}}, path)
     loaded = CheckpointLoader.load_checkpoint(str(path), map_location="cpu")
     assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["meta"]["array"].tolist() == [0, 1, 2]
+
+
+@needs_mm
+@pytest.mark.parametrize("scope", ["mmdet", "mmseg"])
+def test_vmamba_backbone_from_both_registries_loads_imagenet_weights(dense, scope, tmp_path):
+    import importlib
+
+    from models import VMamba
+
+    kwargs = dict(embed_dim=8, depths=(1, 1, 1, 1), drop_path_rate=0.0)
+    classifier = VMamba(num_classes=3, **kwargs)
+    path = tmp_path / "vmamba.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    registry = importlib.import_module(f"{scope}.registry").MODELS
+    backbone = registry.build(dict(type="VMambaBackbone", pretrained=str(path), **kwargs)).eval()
+    assert type(backbone) is dense.VMambaBackbone
+    report = backbone.init_weights()
+    head = [k for k in classifier.state_dict() if k.startswith("classifier.")]
+    assert report.skipped_head == head and report.loaded == len(classifier.state_dict()) - len(head)
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(1, 8, 16, 16), (1, 16, 8, 8), (1, 32, 4, 4), (1, 64, 2, 2)]

@@ -24,7 +24,9 @@ import models  # noqa: F401  (registers the models)
 OURS = sorted(name for name in timm.list_models() if model_entrypoint(name).__module__.startswith("models."))
 # one small member per family, with every optional part (DAMamba: the layer scales of S and B)
 TINY = {"defmamba_tiny": dict(embed_dim=8, depths=(1, 1, 2, 1)),
-        "damamba_tiny": dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), layer_scale_stages=(2, 3))}
+        "damamba_tiny": dict(dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), layer_scale_stages=(2, 3)),
+        "vmamba_tiny": dict(embed_dim=8, depths=(1, 1, 2, 1)),
+        "mamba_adaptor_b1": dict(embed_dim=8, depths=(1, 1, 2, 1))}
 IMG = 64    # stage 4 is 2 x 2
 SMALL = 32  # stage 4 is 1 x 1
 TRACER = dict(leaf_modules=list(get_notrace_modules()), autowrap_functions=list(get_notrace_functions()),
@@ -32,7 +34,7 @@ TRACER = dict(leaf_modules=list(get_notrace_modules()), autowrap_functions=list(
 
 
 def test_every_family_is_covered():
-    assert {name.split("_")[0] for name in OURS} == {"defmamba", "damamba"}
+    assert {name.split("_")[0] for name in OURS} == {"defmamba", "damamba", "vmamba", "mamba"}
     assert {name.split("_")[0] for name in TINY} == {name.split("_")[0] for name in OURS}
 
 

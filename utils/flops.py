@@ -1,12 +1,13 @@
-"""Parameters and FLOPs of a DefMamba or DAMamba config, counted with fvcore (one multiply-add = one FLOP).
+"""Parameters and FLOPs of a model config (every family), counted with fvcore (one multiply-add = one FLOP).
 
     python -m utils.flops --cfg configs/tiny.yaml [--img-size 224] [--scan-flops vmamba] [--no-custom-ops]
 
 What is counted (fvcore's rules for linear/conv/einsum/matmul, LayerNorm 5 per element, pooling and
 means 1 per input element) plus handles for the custom operations:
-- selective scan, convention `release` (default, the official README's numbers):
+- selective scan, convention `release` (default for DefMamba and DAMamba, the official README's numbers):
   3*B*D*L*N + 2.5*B*D*L with D = K * d_inner (K scan branches, 3 in the released model);
-  convention `vmamba`: 9*B*L*D*N + B*D*L.
+  convention `vmamba`: 9*B*L*D*N + B*D*L, the default for VMamba and Mamba-Adaptor configs (D = 4 directions
+  x d_inner, N = 1), as VMamba's release counts it (its 4.91 / 8.72 / 15.36 G for T / S / B).
 - point offset (bilinear sampling, PointOffsetSample): 4 per output element, as fvcore counts grid_sample;
 - the deformable sequence (custom op defmamba::deformable_sequence): the point offset's 4 plus, with an
   offset-bias table, 4 + 4 per output element for its resize and sampling (upsample + grid_sample);
@@ -128,8 +129,8 @@ def _parse(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--cfg", required=True, help="model config YAML, e.g. configs/tiny.yaml")
     parser.add_argument("--img-size", type=int, default=224, help="input resolution (default 224)")
     parser.add_argument("--scan-flops", choices=[c.value for c in ScanFlopConvention],
-                        default=ScanFlopConvention.RELEASE.value,
-                        help="selective-scan counting convention (default: release)")
+                        help="selective-scan counting convention (default: vmamba for VMamba and Mamba-Adaptor "
+                             "configs, else release)")
     parser.add_argument("--no-custom-ops", action="store_true",
                         help="count the selective scan and bilinear sampling as 0 (DAMamba's published GFLOPs)")
     return parser.parse_args(argv)
@@ -151,6 +152,9 @@ def main(argv: List[str]) -> int:
         print(f"error: --img-size must be at least 32 (the model downsamples by 32), got {args.img_size}",
               file=sys.stderr)
         return 2
+    if args.scan_flops is None:
+        vmamba = config.MODEL.TYPE in ("vmamba", "mamba_adaptor")
+        args.scan_flops = (ScanFlopConvention.VMAMBA if vmamba else ScanFlopConvention.RELEASE).value
     model = build_model(config)
     gflops = count_flops(model, args.img_size, input_channels(config), ScanFlopConvention(args.scan_flops),
                          custom_ops=not args.no_custom_ops)

@@ -6,7 +6,10 @@ A 4-stage hierarchical backbone, channels-first (B, C, H, W) throughout:
 
 The token mixer is DASSM (dassm.py), whose learned per-pixel offsets move every token's sampling point
 before one raster-order scan (models/ops/adaptive). Module names and parameter shapes follow the official
-release, so its ImageNet checkpoints load strictly (models/checkpoint.py).
+release, so its ImageNet checkpoints load strictly (models/checkpoint.py). Three switches, all on by default,
+give the rows of the module ablation (the DAMamba slides' Table 5, on DAMamba-F; docs/ablations.md):
+`adaptive_scan` (offsets and sampling, else the raster scan), `conv_pos_embed` (the block's ResDWC, else none)
+and `conv_ffn` (the ResDWC inside the FFN, else a plain fc1-GELU-fc2 MLP).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from ..layers import PoolHead, run_blocks
 from .dassm import DASSM
 from .layers import ChannelLayerNorm, ResDWC
 
-__all__ = ["DAMamba", "DABlock", "DAStage", "damamba_tiny", "damamba_small", "damamba_base"]
+__all__ = ["DAMamba", "DABlock", "DAStage", "damamba_femto", "damamba_tiny", "damamba_small", "damamba_base"]
 
 
 def stem(in_chans: int, dim: int) -> nn.Sequential:
@@ -38,14 +41,14 @@ def stem(in_chans: int, dim: int) -> nn.Sequential:
 
 
 class ConvFFN(nn.Module):
-    """fc1 (1x1) -> GELU -> ResDWC 3x3 -> fc2 (1x1), channels-first."""
+    """fc1 (1x1) -> GELU -> ResDWC 3x3 -> fc2 (1x1), channels-first; conv=False: the plain MLP fc1 -> GELU -> fc2."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, conv: bool = True) -> None:
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
         self.act = nn.GELU()
-        self.conv = ResDWC(hidden)
+        self.conv = ResDWC(hidden) if conv else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.conv(self.act(self.fc1(x))))
@@ -55,7 +58,8 @@ class DABlock(nn.Module):
     """DAMamba block: x + dwconv(x); x + DropPath(g1 * DASSM(LN(x))); x + DropPath(g2 * FFN(BN(x)))."""
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 layer_scale: Optional[float] = None, head_dim: int = 16) -> None:
+                 layer_scale: Optional[float] = None, head_dim: int = 16, adaptive_scan: bool = True,
+                 conv_pos_embed: bool = True, conv_ffn: bool = True) -> None:
         """
         Args:
             dim: channels C.
@@ -63,14 +67,17 @@ class DABlock(nn.Module):
             drop_path: stochastic-depth rate of this block.
             layer_scale: initial value of the per-channel scales g1, g2, or None for no layer scale.
             head_dim: channels per offset group of the DASSM.
+            adaptive_scan: the DASSM's offsets and sampling (False: raster scan).
+            conv_pos_embed: the conv position encoding x + dwconv(x) at the start (False: none).
+            conv_ffn: the ResDWC inside the FFN (False: plain MLP).
         """
         super().__init__()
         # definition order = the release's state_dict order
-        self.token_mixer = DASSM(dim, head_dim=head_dim)
+        self.token_mixer = DASSM(dim, head_dim=head_dim, adaptive_scan=adaptive_scan)
         self.norm1 = ChannelLayerNorm(dim)
         self.norm2 = nn.BatchNorm2d(dim)
-        self.mlp = ConvFFN(dim, int(mlp_ratio * dim))
-        self.pos_embed = ResDWC(dim)
+        self.mlp = ConvFFN(dim, int(mlp_ratio * dim), conv=conv_ffn)
+        self.pos_embed = ResDWC(dim) if conv_pos_embed else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.layer_scale = layer_scale is not None
         if self.layer_scale:
@@ -127,7 +134,8 @@ class DAMamba(StagedModel):
                  depths: Sequence[int] = (3, 4, 12, 5), mlp_ratios: Sequence[float] = (4, 4, 3, 3),
                  layer_scale_stages: Sequence[int] = (), layer_scale_init: float = 1e-6, head_dim: int = 16,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.15, use_checkpoint: bool = False,
-                 global_pool: str = "avg") -> None:
+                 global_pool: str = "avg", adaptive_scan: bool = True, conv_pos_embed: bool = True,
+                 conv_ffn: bool = True) -> None:
         """
         Args:
             num_classes: classifier outputs (0: no head, forward returns pooled features).
@@ -142,6 +150,8 @@ class DAMamba(StagedModel):
             drop_path_rate: stochastic depth, linearly increasing over all blocks up to this value.
             use_checkpoint: activation checkpointing of every block.
             global_pool: "avg", or "" for a head that returns the unpooled map (with num_classes=0).
+            adaptive_scan, conv_pos_embed, conv_ffn: the module-ablation switches of every block (see DABlock);
+                all True is the released architecture.
         """
         super().__init__()
         if not len(dims) == len(depths) == len(mlp_ratios):
@@ -161,7 +171,8 @@ class DAMamba(StagedModel):
             self.stages.append(DAStage(
                 dims[i - 1] if i > 0 else None, dims[i], depth, rates[start:start + depth],
                 use_checkpoint=use_checkpoint, mlp_ratio=mlp_ratios[i], head_dim=head_dim,
-                layer_scale=layer_scale_init if i in layer_scale_stages else None))
+                layer_scale=layer_scale_init if i in layer_scale_stages else None, adaptive_scan=adaptive_scan,
+                conv_pos_embed=conv_pos_embed, conv_ffn=conv_ffn))
             # the release's per-stage output norms are top-level modules norm1..norm4
             self.add_module(f"norm{i + 1}", ChannelLayerNorm(dims[i]))
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"norm{i + 1}"))
@@ -192,11 +203,15 @@ class DAMamba(StagedModel):
 # No hub weights: official checkpoints are loaded from a local file (models.base.create_variant).
 default_cfgs = generate_default_cfgs({
     name: default_cfg(interpolation="bicubic", first_conv="stem.0", classifier="head.fc")
-    for name in ("damamba_tiny", "damamba_small", "damamba_base")})
+    for name in ("damamba_femto", "damamba_tiny", "damamba_small", "damamba_base")})
 
 # The official variants: widths, depths, MLP ratios, layer-scale stages and the drop-path rates the release
-# trains them with on ImageNet-1K.
+# trains them with on ImageNet-1K. F is not in the release: widths and depths are the DAMamba slides'; MLP
+# ratios, head_dim and no layer scale are T's, drop path 0.1 continues the release's trend (T 0.15 < S 0.4 < B 0.5)
+# to a model of 16 blocks (T: 24) and a fifth of T's parameters.
 MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    "damamba_femto": dict(dims=(48, 96, 192, 256), depths=(2, 2, 10, 2), mlp_ratios=(4, 4, 3, 3),
+                          drop_path_rate=0.1),
     "damamba_tiny": dict(dims=(80, 160, 320, 512), depths=(3, 4, 12, 5), mlp_ratios=(4, 4, 3, 3),
                          drop_path_rate=0.15),
     "damamba_small": dict(dims=(96, 192, 384, 512), depths=(4, 8, 20, 6), mlp_ratios=(4, 4, 3, 3),
@@ -204,6 +219,13 @@ MODEL_ARGS: Dict[str, Dict[str, Any]] = {
     "damamba_base": dict(dims=(112, 224, 448, 640), depths=(4, 8, 25, 8), mlp_ratios=(4, 4, 3, 4),
                          layer_scale_stages=(2, 3), drop_path_rate=0.5),
 }
+
+
+@register_model
+def damamba_femto(pretrained: bool = False, **kwargs: Any) -> DAMamba:
+    """DAMamba-F (the slides'; no released weights): dims 48-96-192-256, depths 2-2-10-2 (5,518,932 params
+    counted as the release counts T/S/B, 5,518,644 trainable)."""
+    return create_variant(DAMamba, "damamba_femto", pretrained, **{**MODEL_ARGS["damamba_femto"], **kwargs})
 
 
 @register_model

@@ -7,7 +7,8 @@
     out = out_proj(LN(y))                                      out_proj: 1x1, no bias
 
 No gate, no cross-scan directions, no sorting: the learned offsets alone adapt the scan. Parameter names and
-shapes are the release's, so its checkpoints load strictly.
+shapes are the release's, so its checkpoints load strictly. `adaptive_scan=False` is the raster-scan baseline of
+the module ablation (slides' Table 5): no offset network, every token is read where it is.
 """
 from __future__ import annotations
 
@@ -46,13 +47,14 @@ class DASSM(nn.Module):
     """Dynamic-adaptive-scan selective state space mixer on channels-first maps (B, C, H, W) -> (B, C, H, W)."""
 
     def __init__(self, dim: int, head_dim: int = 16, d_state: int = 1, dt_min: float = 0.001, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4) -> None:
+                 dt_init_floor: float = 1e-4, adaptive_scan: bool = True) -> None:
         """
         Args:
             dim: channels C (the SSM width too: expand 1).
             head_dim: channels per offset group; G = C / head_dim groups of (dx, dy).
             d_state: SSM state size N (1 in the release).
             dt_min, dt_max, dt_init_floor: range of the initial step sizes (Mamba's dt initialisation).
+            adaptive_scan: the offset network and the sampling (`da_scan`); False scans the raster grid.
         """
         super().__init__()
         if dim % head_dim:
@@ -70,7 +72,7 @@ class DASSM(nn.Module):
         self.conv2d = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.out_norm = ChannelLayerNorm(dim)
         self.out_proj = nn.Conv2d(dim, dim, 1, bias=False)
-        self.da_scan = AdaptiveOffsetNetwork(dim, dim // head_dim)
+        self.da_scan = AdaptiveOffsetNetwork(dim, dim // head_dim) if adaptive_scan else None
         init_ssm_parameters(self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
                             dt_min, dt_max, dt_init_floor)
 
@@ -82,7 +84,9 @@ class DASSM(nn.Module):
         batch, dim, height, width = x.shape
         length = height * width
         u = F.silu(self.conv2d(self.in_proj(x)))
-        u = adaptive_sample(u, self.da_scan(x)).to(u.dtype).view(batch, dim, length)
+        if self.da_scan is not None:
+            u = adaptive_sample(u, self.da_scan(x)).to(u.dtype)
+        u = u.reshape(batch, dim, length)
 
         x_dbl = torch.einsum("bcl,rc->brl", u, self.x_proj_weight)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
