@@ -14,6 +14,7 @@ With both adaptors off the model is VMamba v2 (same keys, same outputs for the s
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -100,27 +101,24 @@ class MambaAdaptor(VMamba):
             s_kernel_sizes, s_dilations, s_fusion, s_residual: the Adaptor-S branches (see AdaptorS).
             img_size: training resolution; sizes the static tables of t_dynamic=False.
         """
-        super().__init__(num_classes=num_classes, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
-                         d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio,
-                         drop_rate=drop_rate, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
-                         global_pool=global_pool)
         for name, stages in (("t_stages", t_stages), ("s_stages", s_stages)):
             if any(not 0 <= s < len(depths) for s in stages):
                 raise ValueError(f"{name} {list(stages)} name stages outside 0..{len(depths) - 1}")
-        for i, stage in enumerate(self.layers):
+        mixers = []
+        for i in range(len(depths)):
             side = _stage_size(img_size, i)
             t_args = dict(points=t_points, groups=t_groups, coords=t_coords, interpolate=t_interpolate,
                           dynamic=t_dynamic, source=t_source, per_direction=t_per_direction, residual=t_residual,
                           static_size=(side, side)) if adaptor_t and i in t_stages else None
             s_args = dict(kernel_sizes=tuple(s_kernel_sizes), dilations=tuple(s_dilations), fusion=s_fusion,
                           residual=s_residual) if adaptor_s and i in s_stages else None
-            if t_args is None and s_args is None:
-                continue
-            # VSSBlock builds a plain SS2D: replace it under the same name (same keys, same order)
-            for block in stage.blocks:
-                block.op = AdaptorSS2D(embed_dim * 2 ** i, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank,
-                                       adaptor_t=t_args, adaptor_s=s_args)
-                block.op.apply(self._init_weights)
+            # a stage without adaptors keeps VMamba's plain SS2D (same keys)
+            mixers.append(SS2D if t_args is None and s_args is None
+                          else partial(AdaptorSS2D, adaptor_t=t_args, adaptor_s=s_args))
+        super().__init__(num_classes=num_classes, in_chans=in_chans, embed_dim=embed_dim, depths=depths,
+                         d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio, mlp_ratio=mlp_ratio,
+                         drop_rate=drop_rate, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
+                         global_pool=global_pool, mixer_layers=mixers)
 
 
 # No hub weights (create_variant): a trained file loads through pretrained_cfg_overlay=dict(file=...).

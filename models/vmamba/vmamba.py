@@ -10,7 +10,7 @@ parameter shapes follow the official release, so its ImageNet checkpoints load s
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -43,17 +43,19 @@ class VSSBlock(nn.Module):
     """VSS block: x + DropPath(SS2D(LN2d(x))), then x + DropPath(MLP(LN2d(x)))."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, d_state: int = 1,
-                 ssm_ratio: float = 1.0, dt_rank: int = 0) -> None:
+                 ssm_ratio: float = 1.0, dt_rank: int = 0, mixer_layer: Callable[..., nn.Module] = SS2D) -> None:
         """
         Args:
             dim: channels C.
             drop_path: stochastic-depth rate of this block.
             mlp_ratio: hidden width of the MLP relative to C.
             d_state, ssm_ratio, dt_rank: SSM sizes (see SS2D).
+            mixer_layer: class (or factory) of the token mixer, called as SS2D is; SS2D subclasses such as
+                Mamba-Adaptor's plug in here.
         """
         super().__init__()
         self.norm = LayerNorm2d(dim)
-        self.op = SS2D(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank)
+        self.op = mixer_layer(dim, d_state=d_state, ssm_ratio=ssm_ratio, dt_rank=dt_rank)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = LayerNorm2d(dim)
         self.mlp = Mlp2d(dim, int(dim * mlp_ratio))
@@ -98,7 +100,8 @@ class VMamba(StagedModel):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 8, 2), d_state: int = 1, dt_rank: int = 0, ssm_ratio: float = 1.0,
                  mlp_ratio: float = 4.0, drop_rate: float = 0.0, drop_path_rate: float = 0.2,
-                 use_checkpoint: bool = False, global_pool: str = "avg") -> None:
+                 use_checkpoint: bool = False, global_pool: str = "avg",
+                 mixer_layers: Optional[Sequence[Callable[..., nn.Module]]] = None) -> None:
         """
         Args:
             num_classes: classifier outputs (0: no head, forward returns pooled features).
@@ -113,12 +116,16 @@ class VMamba(StagedModel):
             drop_path_rate: stochastic depth, linearly increasing over all blocks up to this value.
             use_checkpoint: activation checkpointing of every block.
             global_pool: "avg", or "" for a head that returns the normalised unpooled map (with num_classes=0).
+            mixer_layers: the token-mixer class of every stage's blocks (default SS2D everywhere; see VSSBlock).
         """
         super().__init__()
         if not depths:
             raise ValueError("VMamba needs at least one stage: depths is empty")
         self.num_classes, self.in_chans = num_classes, in_chans
         num_stages = len(depths)
+        mixer_layers = [SS2D] * num_stages if mixer_layers is None else list(mixer_layers)
+        if len(mixer_layers) != num_stages:
+            raise ValueError(f"mixer_layers needs one entry per stage ({num_stages}), got {len(mixer_layers)}")
         dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()  # cpu: buildable on meta
@@ -132,7 +139,7 @@ class VMamba(StagedModel):
             self.layers.append(VSSStage(
                 dims[i], None if last else dims[i + 1], depth, rates[start:start + depth],
                 use_checkpoint=use_checkpoint, d_state=d_state, dt_rank=dt_rank, ssm_ratio=ssm_ratio,
-                mlp_ratio=mlp_ratio))
+                mlp_ratio=mlp_ratio, mixer_layer=mixer_layers[i]))
             # the blocks' output, before the downsampling to the next stage
             self.feature_info.append(dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f"layers.{i}.blocks"))
             start += depth
