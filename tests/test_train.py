@@ -272,3 +272,16 @@ def test_bad_input_is_one_line_and_leaves_the_run_intact(case: str, trained: Tup
     assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
     assert snapshot(output / RUN) == before
+
+
+@pytest.mark.parametrize("cfg", sorted(p.name for p in Path("configs").glob("demo*.yaml")))
+def test_every_demo_config_trains(cfg: str, digits: Path, tmp_path: Path, run_here):
+    """Each family's demo config (README commands) runs a training epoch and a validation: here on the small
+    digits folder instead of all of MNIST-5k, one epoch, 3 classes."""
+    args = ["--cfg", f"configs/{cfg}", "--data-path", str(digits), "--output", str(tmp_path), "--opts",
+            "DATA.DATASET", "imagenet", "MODEL.NUM_CLASSES", "3", "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0",
+            "DATA.BATCH_SIZE", "8", "DATA.NUM_WORKERS", "0"]
+    result = run_here(args)
+    assert result.returncode == 0, result.stderr
+    assert "training done" in result.stdout + result.stderr
+    assert list(tmp_path.rglob("ckpt_epoch_0.pth"))
