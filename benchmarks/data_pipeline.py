@@ -178,12 +178,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the main process only collates; the workers use one thread each anyway
-    with tempfile.TemporaryDirectory(prefix="jpegs-") as scratch:
-        folder = args.folder or Path(scratch)
-        paths = write_images(folder, args.images, args.width, args.height, args.quality)
-        kb = sum(p.stat().st_size for p in paths) / len(paths) / 1000
-        rates = measure(folder, args.cfg, args.interpolation, args.workers, args.batch, args.passes)
+    try:
+        with tempfile.TemporaryDirectory(prefix="jpegs-") as scratch:
+            folder = args.folder or Path(scratch)
+            paths = write_images(folder, args.images, args.width, args.height, args.quality)
+            kb = sum(p.stat().st_size for p in paths) / len(paths) / 1000
+            rates = measure(folder, args.cfg, args.interpolation, args.workers, args.batch, args.passes)
+    finally:  # a caller in the same process (the tests) keeps its thread count
+        torch.set_num_threads(threads)
     per_core = {name: rate["img_s_per_cpu_s"] for name, rate in rates.items()}
     cores = {f"{t:g}": t / per_core["train"] for t in args.target}
     print(f"{len(paths)} JPEGs {args.width}x{args.height} q{args.quality}, mean {kb:.1f} KB; {args.workers} "

@@ -168,6 +168,7 @@ data_bench = load("data_pipeline")
 
 def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path: Path, capsys):
     out = tmp_path / "data.json"
+    threads = torch.get_num_threads()
     assert data_bench.main(["--folder", str(tmp_path / "jpegs"), "--images", "4", "--size", "64x48",
                             "--workers", "1", "--batch", "2", "--passes", "2", "--target", "100,50",
                             "--json", str(out)]) == 0
@@ -183,6 +184,7 @@ def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path: Path, capsys):
     with Image.open(jpegs[0]) as image:
         assert (image.format, image.size) == ("JPEG", (64, 48))
     assert "loader cores per GPU" in capsys.readouterr().out
+    assert torch.get_num_threads() == threads   # the rest of the process keeps its threads
 
 
 @pytest.mark.parametrize("argv,message", [(["--size", "500"], "--size: expected WIDTHxHEIGHT"),
