@@ -6,7 +6,7 @@ the ops they run (ops/) and strict checkpoint loading (checkpoint.py).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict
 
 from torch import nn
 
@@ -39,6 +39,14 @@ def input_channels(config: Any) -> int:
     return config.MODEL.DAMAMBA.IN_CHANS if config.MODEL.TYPE == "damamba" else config.MODEL.DEFMAMBA.IN_CHANS
 
 
+def _vmamba_args(config: Any, m: Any) -> Dict[str, Any]:
+    """The VMamba backbone keywords from its config section `m` (MODEL.VMAMBA or MODEL.MAMBA_ADAPTOR)."""
+    return dict(num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM,
+                depths=tuple(m.DEPTHS), d_state=m.D_STATE, dt_rank=m.DT_RANK, ssm_ratio=m.SSM_RATIO,
+                mlp_ratio=m.MLP_RATIO, drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                use_checkpoint=config.TRAIN.USE_CHECKPOINT)
+
+
 def build_model(config: Any) -> nn.Module:
     """The model of MODEL.TYPE from the yacs config (keys MODEL.*, TRAIN.USE_CHECKPOINT; see config.py)."""
     if config.MODEL.TYPE == "damamba":
@@ -51,21 +59,13 @@ def build_model(config: Any) -> nn.Module:
             conv_pos_embed=m.CONV_POS_EMBED, conv_ffn=m.CONV_FFN,
         )
     if config.MODEL.TYPE == "vmamba":
-        m = config.MODEL.VMAMBA
-        return VMamba(
-            num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=tuple(m.DEPTHS),
-            d_state=m.D_STATE, dt_rank=m.DT_RANK, ssm_ratio=m.SSM_RATIO, mlp_ratio=m.MLP_RATIO,
-            drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-        )
+        return VMamba(**_vmamba_args(config, config.MODEL.VMAMBA))
     if config.MODEL.TYPE == "mamba_adaptor":
         m = config.MODEL.MAMBA_ADAPTOR
         return MambaAdaptor(
-            num_classes=config.MODEL.NUM_CLASSES, in_chans=m.IN_CHANS, embed_dim=m.EMBED_DIM, depths=tuple(m.DEPTHS),
-            d_state=m.D_STATE, dt_rank=m.DT_RANK, ssm_ratio=m.SSM_RATIO, mlp_ratio=m.MLP_RATIO,
-            drop_path_rate=config.MODEL.DROP_PATH_RATE, use_checkpoint=config.TRAIN.USE_CHECKPOINT,
-            adaptor_t=m.ADAPTOR_T, t_stages=tuple(m.T_STAGES), t_points=m.T_POINTS, t_groups=m.T_GROUPS,
-            t_coords=m.T_COORDS, t_interpolate=m.T_INTERPOLATE, t_dynamic=m.T_DYNAMIC, t_source=m.T_SOURCE,
-            t_per_direction=m.T_PER_DIRECTION, t_residual=m.T_RESIDUAL, adaptor_s=m.ADAPTOR_S,
+            **_vmamba_args(config, m), adaptor_t=m.ADAPTOR_T, t_stages=tuple(m.T_STAGES), t_points=m.T_POINTS,
+            t_groups=m.T_GROUPS, t_coords=m.T_COORDS, t_interpolate=m.T_INTERPOLATE, t_dynamic=m.T_DYNAMIC,
+            t_source=m.T_SOURCE, t_per_direction=m.T_PER_DIRECTION, t_residual=m.T_RESIDUAL, adaptor_s=m.ADAPTOR_S,
             s_stages=tuple(m.S_STAGES), s_kernel_sizes=tuple(m.S_KERNEL_SIZES), s_dilations=tuple(m.S_DILATIONS),
             s_fusion=m.S_FUSION, s_residual=m.S_RESIDUAL, img_size=config.DATA.IMG_SIZE,
         )

@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 from .checkpoint import CheckpointError, load_pretrained
 from .layers import PoolHead
 
-__all__ = ["StagedModel", "default_cfg", "create_variant"]
+__all__ = ["StagedModel", "EmbeddedStagesModel", "default_cfg", "create_variant"]
 
 ModelT = TypeVar("ModelT", bound="StagedModel")
 
@@ -162,6 +162,26 @@ class StagedModel(nn.Module):
         if prune_head:
             self.reset_classifier(0, "")
         return wanted
+
+
+class EmbeddedStagesModel(StagedModel):
+    """A StagedModel whose stem is `patch_embed` and whose stages `layers` are DownsampledStages (models/layers.py):
+    each reports its blocks' output, before its downsampling to the next stage (DefMamba's and VMamba's layout)."""
+
+    def stage_modules(self) -> nn.ModuleList:
+        return self.layers
+
+    def prune_stages(self, keep: int) -> None:
+        super().prune_stages(keep)
+        self.layers[-1].downsample = nn.Identity()  # the features are taken before it
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.patch_embed(x)
+
+    def forward_stage(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor]:
+        stage = self.layers[index]
+        feat = stage.forward_blocks(x)
+        return feat, stage.downsample(feat)
 
 
 def _to_format(x: Tensor, have: str, want: str) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-__all__ = ["ToChannelsLast", "ToChannelsFirst", "run_blocks", "PoolHead"]
+__all__ = ["ToChannelsLast", "ToChannelsFirst", "run_blocks", "DownsampledStage", "PoolHead"]
 
 
 class ToChannelsLast(nn.Module):
@@ -32,6 +32,22 @@ def run_blocks(blocks: Iterable[nn.Module], x: Tensor, use_checkpoint: bool) -> 
         else:
             x = block(x)
     return x
+
+
+class DownsampledStage(nn.Module):
+    """Blocks at one resolution, then the downsampling to the next stage (DefMamba's and VMamba's stages).
+
+    Subclasses build `blocks`, `downsample` (Identity for the last stage) and set `use_checkpoint`."""
+
+    use_checkpoint: bool
+    blocks: nn.Sequential
+    downsample: nn.Module
+
+    def forward_blocks(self, x: Tensor) -> Tensor:
+        return run_blocks(self.blocks, x, self.use_checkpoint)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.downsample(self.forward_blocks(x))
 
 
 class PoolHead(nn.Module):

@@ -10,15 +10,15 @@ load strictly (see models/checkpoint.py).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs, register_model
 
-from ..base import StagedModel, create_variant, default_cfg
-from ..layers import PoolHead, ToChannelsFirst, ToChannelsLast, run_blocks
+from ..base import EmbeddedStagesModel, create_variant, default_cfg
+from ..layers import DownsampledStage, PoolHead, ToChannelsFirst, ToChannelsLast
 from .dssm import DSSM
 
 __all__ = ["DefMamba", "DMBlock", "DMStage", "defmamba_tiny", "defmamba_small", "defmamba_base"]
@@ -68,7 +68,7 @@ class DMBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class DMStage(nn.Module):
+class DMStage(DownsampledStage):
     """DM blocks at one resolution, followed by the downsampling to the next stage (if any)."""
 
     def __init__(self, dim: int, out_dim: Optional[int], depth: int, kernel_size: int,
@@ -89,14 +89,8 @@ class DMStage(nn.Module):
                                       for i in range(depth)])
         self.downsample = downsample(dim, out_dim) if out_dim is not None else nn.Identity()
 
-    def forward_blocks(self, x: Tensor) -> Tensor:
-        return run_blocks(self.blocks, x, self.use_checkpoint)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.downsample(self.forward_blocks(x))
-
-
-class DefMamba(StagedModel):
+class DefMamba(EmbeddedStagesModel):
     """DefMamba classifier / backbone with timm's model interface (see models/base.py)."""
 
     output_fmt = "NHWC"
@@ -157,21 +151,6 @@ class DefMamba(StagedModel):
         self.classifier = PoolHead(dims[-1], num_classes, global_pool, drop_rate, channels_last=True,
                                    norm=nn.LayerNorm(dims[-1]), fc_name="head")
         self.apply(self._init_weights)
-
-    def stage_modules(self) -> nn.ModuleList:
-        return self.layers
-
-    def prune_stages(self, keep: int) -> None:
-        super().prune_stages(keep)
-        self.layers[-1].downsample = nn.Identity()  # the features are taken before it
-
-    def forward_stem(self, x: Tensor) -> Tensor:
-        return self.patch_embed(x)
-
-    def forward_stage(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor]:
-        stage = self.layers[index]
-        feat = stage.forward_blocks(x)
-        return feat, stage.downsample(feat)
 
 
 # No hub weights: official checkpoints are loaded from a local file (models.base.create_variant).

@@ -10,15 +10,15 @@ parameter shapes follow the official release, so its ImageNet checkpoints load s
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs, register_model
 
-from ..base import StagedModel, create_variant, default_cfg
-from ..layers import PoolHead, run_blocks
+from ..base import EmbeddedStagesModel, create_variant, default_cfg
+from ..layers import DownsampledStage, PoolHead
 from .layers import LayerNorm2d, Mlp2d
 from .ss2d import SS2D
 
@@ -65,7 +65,7 @@ class VSSBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class VSSStage(nn.Module):
+class VSSStage(DownsampledStage):
     """VSS blocks at one resolution, then the downsampling to the next stage (if any)."""
 
     def __init__(self, dim: int, out_dim: Optional[int], depth: int, drop_path: Sequence[float],
@@ -84,14 +84,8 @@ class VSSStage(nn.Module):
         self.blocks = nn.Sequential(*[VSSBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth)])
         self.downsample = downsample(dim, out_dim) if out_dim is not None else nn.Identity()
 
-    def forward_blocks(self, x: Tensor) -> Tensor:
-        return run_blocks(self.blocks, x, self.use_checkpoint)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.downsample(self.forward_blocks(x))
-
-
-class VMamba(StagedModel):
+class VMamba(EmbeddedStagesModel):
     """VMamba v2 classifier / backbone with timm's model interface (see models/base.py)."""
 
     output_fmt = "NCHW"
@@ -146,21 +140,6 @@ class VMamba(StagedModel):
         self.classifier = PoolHead(dims[-1], num_classes, global_pool, drop_rate, norm=LayerNorm2d(dims[-1]),
                                    fc_name="head")
         self.apply(self._init_weights)
-
-    def stage_modules(self) -> nn.ModuleList:
-        return self.layers
-
-    def prune_stages(self, keep: int) -> None:
-        super().prune_stages(keep)
-        self.layers[-1].downsample = nn.Identity()  # the features are taken before it
-
-    def forward_stem(self, x: Tensor) -> Tensor:
-        return self.patch_embed(x)
-
-    def forward_stage(self, index: int, x: Tensor) -> Tuple[Tensor, Tensor]:
-        stage = self.layers[index]
-        feat = stage.forward_blocks(x)
-        return feat, stage.downsample(feat)
 
 
 # No hub weights: official checkpoints are loaded from a local file (models.base.create_variant).
