@@ -13,6 +13,7 @@ from typing import List, Optional
 import yaml
 from yacs.config import CfgNode as CN
 
+from data.build import LOADERS
 from models import MODEL_TYPES, THIRD_BRANCHES  # the models define the values these keys take
 from models.mamba_adaptor import FUSIONS as ADAPTOR_S_FUSIONS, SOURCES as ADAPTOR_T_SOURCES
 
@@ -47,6 +48,10 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 # False: an unreadable image stops the run naming its path. True: it is logged and replaced by the next image.
 _C.DATA.SKIP_CORRUPT = False
+# 'torch': DataLoader workers decode with PIL and augment with timm's transforms. 'dali': NVIDIA DALI decodes
+# and augments on the GPU (its CPU backend without one), same recipe (docs/training.md); needs
+# `pip install -r requirements-dali.txt`.
+_C.DATA.LOADER = "torch"
 
 # -----------------------------------------------------------------------------
 # Model (keys read by models.build_model)
@@ -292,6 +297,10 @@ def _merge_opts(config: CN, opts: List[str]) -> None:
 def _validate(config: CN) -> None:
     if config.DATA.DATASET not in DATASETS:
         raise ConfigError(f"DATA.DATASET must be one of {', '.join(DATASETS)}, got {config.DATA.DATASET!r}")
+    if config.DATA.LOADER not in LOADERS:
+        raise ConfigError(f"DATA.LOADER must be one of {', '.join(LOADERS)}, got {config.DATA.LOADER!r}")
+    if config.DATA.LOADER == "dali" and config.DATA.SKIP_CORRUPT:
+        raise ConfigError("DATA.SKIP_CORRUPT needs DATA.LOADER torch: DALI stops at an unreadable file")
     if config.MODEL.TYPE not in MODEL_TYPES:
         raise ConfigError(f"MODEL.TYPE must be one of {', '.join(MODEL_TYPES)}, got {config.MODEL.TYPE!r}")
     if config.MODEL.TYPE == "damamba":

@@ -338,7 +338,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> None:
     if config.THROUGHPUT_MODE:
         _run_throughput(config, ctx, amp, model, logger)
         return
-    loaders = data.build_loaders(config, root, ctx.rank, ctx.world_size, need_train=training)
+    loaders = data.build_loaders(config, root, ctx.rank, ctx.world_size, need_train=training, device=ctx.device)
     if config.EVAL_MODE:
         weights, checkpoint = resume if resume is not None else pretrained
         _run_eval(config, ctx, amp, loaders, model, weights, checkpoint, logger)

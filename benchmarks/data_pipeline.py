@@ -11,7 +11,9 @@ process per core):
 - val: decode + resize + center crop + normalise.
 
 Each pipeline runs `--passes` passes over the images with persistent workers; the first pass (worker
-start-up, page cache) is not timed. Two rates: img/s of wall time, and img/s per CPU-second the workers used
+start-up, page cache) is not timed. `--loader dali` times DATA.LOADER dali's train and val pipelines instead, on
+DALI's CPU backend (`--workers` threads in this process; the passes as one epoch, timed after its first 3
+batches). Two rates: img/s of wall time, and img/s per CPU-second the workers used
 (their run time from /proc, Linux), which is what one fully used core delivers (less affected
 by other jobs on a shared machine, though their cache and memory traffic still slow it). Cores per GPU = the train img/s a GPU consumes (`--target`, default 1650:
 the project's DefMamba-T target per H100; 549: the official release) / the train img/s per CPU-second; the
@@ -19,6 +21,7 @@ training process's own CPU use (collation, the step's Python) comes on top.
 
     python benchmarks/data_pipeline.py                         # 256 images in a temporary folder
     python benchmarks/data_pipeline.py --images 512 --workers 8 --folder /tmp/jpegs --json out.json
+    python benchmarks/data_pipeline.py --loader dali --folder /tmp/jpegs
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DistributedSampler
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -43,6 +47,7 @@ if str(REPO) not in sys.path:
 
 from config import get_default_config, load_yaml_config  # noqa: E402
 from data import CheckedImageFolder, build_transform  # noqa: E402
+from data.dali_loader import DaliLoader  # noqa: E402
 
 # train img/s per GPU: the project's DefMamba-T target per H100 (issue #8) and the official release
 DEFAULT_TARGETS = (1650.0, 549.0)
@@ -118,12 +123,50 @@ def _time_pipeline(dataset: CheckedImageFolder, workers: int, batch: int, passes
     return {"img_s": images / wall, "img_s_per_cpu_s": images / cpu if cpu > 0 else math.nan}
 
 
+class _Repeated:
+    """A sampler's order `times` over, as one epoch: DALI builds one pipeline per epoch, timed here at steady state."""
+
+    def __init__(self, sampler: DistributedSampler, times: int) -> None:
+        self.sampler, self.times = sampler, times
+
+    def __iter__(self):
+        return (index for _ in range(self.times) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return self.times * len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def _time_dali(loader: DaliLoader, skip: int = 3) -> Dict[str, float]:
+    """img/s of a DaliLoader on the CPU (its `workers` threads run in this process) after its first `skip`
+    batches (pipeline start-up and prefetching): per second of wall time and per CPU-second of this process."""
+    loader.set_epoch(0, seed=0, rank=0)
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    images, start, cpu = 0, time.perf_counter(), time.process_time()
+    for item, _ in batches:
+        images += len(item)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"img_s": images / wall, "img_s_per_cpu_s": images / cpu if cpu > 0 else math.nan}
+
+
 def measure(folder: Path, cfg: Path, interpolation: str, workers: int, batch: int,
-            passes: int) -> Dict[str, Dict[str, float]]:
-    """`_time_pipeline` of the decode, train and val pipelines on the ImageFolder at `folder`."""
+            passes: int, loader: str = "torch") -> Dict[str, Dict[str, float]]:
+    """`_time_pipeline` of the decode, train and val pipelines on the ImageFolder at `folder`; for `loader`
+    'dali', the train and val pipelines of DATA.LOADER dali on DALI's CPU backend."""
     config = get_default_config()
     load_yaml_config(config, cfg)
     config.DATA.INTERPOLATION = interpolation
+    if loader == "dali":
+        config.DATA.NUM_WORKERS, config.DATA.BATCH_SIZE = workers, batch
+        dataset = CheckedImageFolder(str(folder))
+        orders = {name: _Repeated(DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=is_train), passes)
+                  for name, is_train in (("train", True), ("val", False))}
+        return {name: _time_dali(DaliLoader(config, dataset.samples, order, name == "train", torch.device("cpu")))
+                for name, order in orders.items()}
     pipelines = {"decode": _decoded_size, "train": build_transform(config, is_train=True),
                  "val": build_transform(config, is_train=False)}
     return {name: _time_pipeline(CheckedImageFolder(str(folder), transform=transform), workers, batch, passes)
@@ -161,6 +204,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--passes", type=int, default=3, help="passes over the images, the first untimed")
     parser.add_argument("--cfg", type=Path, default=REPO / "configs" / "tiny.yaml", help="recipe (AUG.*)")
     parser.add_argument("--interpolation", choices=("bicubic", "bilinear"), default="bicubic")
+    parser.add_argument("--loader", choices=("torch", "dali"), default="torch",
+                        help="DATA.LOADER to time (dali: its CPU backend, threads in this process)")
     parser.add_argument("--target", type=lambda s: [float(v) for v in s.split(",")], default=list(DEFAULT_TARGETS),
                         help="train img/s per GPU, comma-separated (default 1650,549)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -185,14 +230,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             folder = args.folder or Path(scratch)
             paths = write_images(folder, args.images, args.width, args.height, args.quality)
             kb = sum(p.stat().st_size for p in paths) / len(paths) / 1000
-            rates = measure(folder, args.cfg, args.interpolation, args.workers, args.batch, args.passes)
+            rates = measure(folder, args.cfg, args.interpolation, args.workers, args.batch, args.passes, args.loader)
     finally:  # a caller in the same process (the tests) keeps its thread count
         torch.set_num_threads(threads)
     per_core = {name: rate["img_s_per_cpu_s"] for name, rate in rates.items()}
     cores = {f"{t:g}": t / per_core["train"] for t in args.target}
     print(f"{len(paths)} JPEGs {args.width}x{args.height} q{args.quality}, mean {kb:.1f} KB; {args.workers} "
           f"worker(s) on {os.cpu_count()} core(s) ({_cpu_name()}); torch {torch.__version__}; "
-          f"train recipe {args.cfg.name} with {args.interpolation}")
+          f"train recipe {args.cfg.name} with {args.interpolation}; DATA.LOADER {args.loader}")
     print("| pipeline | img/s (wall) | img/s per wall-second per worker | img/s per CPU-second |\n|---|---|---|---|")
     for name, rate in rates.items():
         print(f"| {name} | {rate['img_s']:.0f} | {rate['img_s'] / args.workers:.0f} | {per_core[name]:.0f} |")
@@ -202,7 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.json.write_text(json.dumps({
             "images": len(paths), "size": [args.width, args.height], "quality": args.quality, "mean_kb": kb,
             "workers": args.workers, "cores": os.cpu_count(), "cpu": _cpu_name(), "torch": torch.__version__,
-            "interpolation": args.interpolation, "cfg": str(args.cfg), "rates": rates, "img_s_per_core": per_core,
+            "interpolation": args.interpolation, "loader": args.loader, "cfg": str(args.cfg), "rates": rates, "img_s_per_core": per_core,
             "cores_per_gpu": cores}, indent=2))
     return 0
 

@@ -110,6 +110,8 @@ for t in tests/test_selective_scan_cuda.py tests/test_gpu_model.py tests/test_se
          tests/test_deformable_triton.py tests/test_sync.py; do
     [ -f "$t" ] && tests+=("$t")
 done
+# DATA.LOADER dali on the GPU, where DALI is installed (requirements-dali.txt; the device image lacks it)
+"$PY" -c "import nvidia.dali" 2>/dev/null && tests+=(tests/test_dali.py)
 log "pytest: ${tests[*]}"
 run_step pytest 240 "$OUT/pytest.log" "$PY" -m pytest -q -rsfE -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml" "${tests[@]}"

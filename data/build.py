@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader, DistributedSampler
 from yacs.config import CfgNode
 
+from .dali_loader import DALI_INSTALL_HINT, DaliLoader, dali_available
 from .image_folder import CheckedImageFolder
 from .mnist5k import default_mnist5k_root, ensure_mnist5k
 from .transforms import build_transform
@@ -22,12 +23,16 @@ class DataError(ValueError):
     """Unusable input data (missing folder, wrong class count, too few images); one-line message."""
 
 
+# DATA.LOADER: 'torch' = DataLoader workers with PIL + timm transforms; 'dali' = NVIDIA DALI (data/dali_loader.py)
+LOADERS = ("torch", "dali")
+
+
 @dataclass
 class Loaders:
-    """The val loader always; the train loader only when training."""
+    """The val loader always; the train loader only when training (DataLoader, or DaliLoader for DATA.LOADER dali)."""
 
-    val: DataLoader
-    train: Optional[DataLoader] = None
+    val: Union[DataLoader, DaliLoader]
+    train: Optional[Union[DataLoader, DaliLoader]] = None
 
 
 def resolve_data_root(config: CfgNode, need_train: bool) -> Path:
@@ -51,8 +56,10 @@ def resolve_data_root(config: CfgNode, need_train: bool) -> Path:
 
 
 def _dataset(config: CfgNode, folder: Path, is_train: bool) -> CheckedImageFolder:
+    # DALI reads the listed files itself: the dataset only lists and checks them
+    transform = build_transform(config, is_train) if config.DATA.LOADER == "torch" else None
     try:
-        dataset = CheckedImageFolder(str(folder), transform=build_transform(config, is_train),
+        dataset = CheckedImageFolder(str(folder), transform=transform,
                                      skip_corrupt=config.DATA.SKIP_CORRUPT)
     except FileNotFoundError as err:  # ImageFolder: no class folders or no image files
         raise DataError(f"{folder}: {str(err).splitlines()[0]}") from None
@@ -73,7 +80,12 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
 
 
 def _loader(config: CfgNode, dataset: CheckedImageFolder, sampler: DistributedSampler,
-            is_train: bool) -> DataLoader:
+            is_train: bool, device: torch.device) -> Union[DataLoader, DaliLoader]:
+    if config.DATA.LOADER == "dali":
+        try:
+            return DaliLoader(config, dataset.samples, sampler, is_train, device)
+        except ValueError as err:  # a RandAugment policy the DALI graph cannot run
+            raise DataError(str(err)) from None
     workers = config.DATA.NUM_WORKERS
     # pinning needs a GPU; without one torch would warn on every loader
     pin = config.DATA.PIN_MEMORY and torch.cuda.is_available()
@@ -85,26 +97,32 @@ def _loader(config: CfgNode, dataset: CheckedImageFolder, sampler: DistributedSa
                       generator=torch.Generator())
 
 
-def set_epoch(loader: DataLoader, epoch: int, seed: int, rank: int) -> None:
+def set_epoch(loader: Union[DataLoader, DaliLoader], epoch: int, seed: int, rank: int) -> None:
     """Make the train loader's shuffle and its workers' seeds functions of (seed, rank, epoch) only.
 
     The sampler shuffles by seed + epoch; the workers' torch/random/NumPy seeds come from the loader's
     generator, replaced here by one seeded from (seed, rank, epoch). Without workers the augmentation draws
-    from the process's generators, which checkpoints save and restore.
+    from the process's generators, which checkpoints save and restore. A DaliLoader seeds its pipeline alike.
     """
+    if isinstance(loader, DaliLoader):
+        loader.set_epoch(epoch, seed, rank)
+        return
     loader.sampler.set_epoch(epoch)
     stream = np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]
     loader.generator = torch.Generator().manual_seed(int(stream))
 
 
-def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool) -> Loaders:
+def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool,
+                  device: torch.device = torch.device("cpu")) -> Loaders:
     """Loaders sharded over `world_size` processes with DistributedSampler (also for a single process, so
     the shuffle order depends only on SEED and the epoch; call set_epoch before each epoch). The val shards
     are padded to equal length by repeating the first images, as in the release: up to world_size - 1
-    images are counted twice."""
+    images are counted twice. DATA.LOADER dali decodes on `device` (its CPU backend for a CPU device)."""
+    if config.DATA.LOADER == "dali" and not dali_available():
+        raise DataError(f"DATA.LOADER dali needs NVIDIA DALI: {DALI_INSTALL_HINT}")
     val_set = _dataset(config, root / "val", is_train=False)
     val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
-    loaders = Loaders(val=_loader(config, val_set, val_sampler, is_train=False))
+    loaders = Loaders(val=_loader(config, val_set, val_sampler, False, device))
     if need_train:
         train_set = _dataset(config, root / "train", is_train=True)
         per_rank = len(train_set) // world_size
@@ -114,5 +132,5 @@ def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_
                             f"steps) per process for {world_size} process(es)")
         train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True,
                                            seed=config.SEED)
-        loaders.train = _loader(config, train_set, train_sampler, is_train=True)
+        loaders.train = _loader(config, train_set, train_sampler, True, device)
     return loaders

@@ -187,6 +187,16 @@ def test_data_pipeline_benchmark_runs_at_toy_size(tmp_path: Path, capsys):
     assert torch.get_num_threads() == threads   # the rest of the process keeps its threads
 
 
+def test_data_pipeline_benchmark_times_the_dali_loader(tmp_path: Path):
+    out = tmp_path / "dali.json"
+    assert data_bench.main(["--folder", str(tmp_path / "jpegs"), "--images", "8", "--size", "64x48",
+                            "--workers", "1", "--batch", "2", "--passes", "2", "--loader", "dali",
+                            "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["loader"] == "dali" and set(result["rates"]) == {"train", "val"}
+    assert all(r["img_s"] > 0 and r["img_s_per_cpu_s"] > 0 for r in result["rates"].values())
+
+
 @pytest.mark.parametrize("argv,message", [(["--size", "500"], "--size: expected WIDTHxHEIGHT"),
                                           (["--passes", "1"], "--passes must be >= 2"),
                                           (["--workers", "0"], "must be > 0")])
