@@ -121,6 +121,22 @@ def test_steps_between_log_steps_read_nothing_from_the_device(precision, accumul
     assert sum("tolist" in s and "meters.py" in s for s in loader.per_iteration[0]) == 1
 
 
+def test_evaluation_reads_the_device_only_at_log_steps(monkeypatch):
+    """Validation sums loss and hits on the device; it reads them at its log steps and once at the end."""
+    from utils.evaluate import evaluate
+    model, _ = tiny_model()
+    counting = Counting(monkeypatch)
+    loader = MarkedLoader(batches(5), counting)
+    result = evaluate(model, loader, POLICIES["fp32"], torch.device("cpu"), logging.getLogger("test"), 10)
+    images, targets = batches(5).dataset.tensors
+    with torch.no_grad():
+        logits = model(images)
+    assert result.images == 10
+    assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert result.acc1 == pytest.approx(100 * (logits.argmax(1) == targets).double().mean().item())
+    assert all(not sites for sites in loader.per_iteration[1:]), loader.per_iteration
+
+
 class SyncErrorsBetweenLogSteps:
     """Iterates `batches` with CUDA's sync debug mode at "error" for every iteration that is not a log step."""
 

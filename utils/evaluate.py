@@ -44,9 +44,10 @@ def evaluate(model: nn.Module, loader: DataLoader, amp: AmpPolicy, device: torch
         top_k = min(5, logits.shape[1])
         acc1, acck = accuracy(logits, targets, topk=(1, top_k))
         batch = targets.numel()
-        totals += torch.tensor([F.cross_entropy(logits, targets, reduction="sum").item(),
-                                acc1.item() * batch / 100, acck.item() * batch / 100, batch],
-                               dtype=torch.float64, device=device)
+        # summed on the device: nothing is read back between log steps, so the GPU never waits for the host
+        totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                               acc1.double() * batch / 100, acck.double() * batch / 100,
+                               torch.tensor(batch, dtype=torch.float64, device=device)])
         if idx % print_freq == 0:
             logger.info("Test (%s): [%d/%d] loss %.4f acc@1 %.2f acc@5 %.2f", label, idx, len(loader),
                         totals[0] / totals[3], 100 * totals[1] / totals[3], 100 * totals[2] / totals[3])
