@@ -1,4 +1,4 @@
-"""GPU-side properties of the Triton scan kernels, derived on a CPU: launch configurations at the models' shapes,
+"""GPU-side properties of the Triton kernels, derived on a CPU: launch configurations at the models' shapes,
 ahead-of-time compilation for sm_80 / sm_90 (registers, spills, shared memory, occupancy) and a coalescing
 simulation in Triton's interpreter (32-byte sectors touched per memory instruction).
 
@@ -7,7 +7,9 @@ Nothing here needs a GPU; nothing here measures time.
 
 - `model_launches` builds, with meta tensors, the scan launches of every stage of a model at its training shape,
   through the same host code that runs them (models/ops/scan/triton.py), B and C being views of one x projection
-  as in the mixers. `specialize` turns a launch into the signature, constexprs and attributes that Triton's JIT
+  as in the mixers; `sampling_launches` those of the deformable sequence (DefMamba) and of the adaptive sampling
+  (DAMamba) through models/ops/deform/triton.py and models/ops/adaptive/triton.py. `specialize` turns a launch
+  into the signature, constexprs and attributes that Triton's JIT
   would compile for it (triton.runtime.jit's own specialisation rule), and `compile_launch` compiles that for
   a GPUTarget and reads the cubin's resource usage with the cuobjdump shipped in Triton's wheel.
 - `warps_by_registers`: NVIDIA's occupancy-calculator rule for compute capability 8.x / 9.x: registers are
@@ -19,6 +21,7 @@ Nothing here needs a GPU; nothing here measures time.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 import subprocess
@@ -40,6 +43,7 @@ class StageShape(NamedTuple):
     nstate: int
     rank: int          # dt rank: rows of the x projection before B
     length: int
+    offset_groups: int = 0  # DAMamba's adaptive sampling: offset groups G (0: none; DefMamba samples all channels)
 
 
 def stage_shapes(model: str, img_size: int = 224) -> List[StageShape]:
@@ -52,15 +56,16 @@ def stage_shapes(model: str, img_size: int = 224) -> List[StageShape]:
     shapes, seen = [], set()
     for name, module in net.named_modules():
         if isinstance(module, DSSM):
-            key = (module.num_branches, module.d_inner, module.d_state, module.dt_rank)
+            key, groups = (module.num_branches, module.d_inner, module.d_state, module.dt_rank), 0
         elif isinstance(module, DASSM):
             key = (1, module.dim, module.d_state, module.dt_rank)
+            groups = 0 if module.da_scan is None else module.da_scan.offset.out_features // 2
         else:
             continue
         if key not in seen:  # widths double per stage: a new key is the next stage
             seen.add(key)
             side = img_size // 4 // 2 ** len(shapes)
-            shapes.append(StageShape(model, len(shapes), *key, side * side))
+            shapes.append(StageShape(model, len(shapes), *key, side * side, groups))
     return shapes
 
 
@@ -87,6 +92,38 @@ def model_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch
                 yield shape, dtype, "forward", fwd
                 bwd, _ = host.plan_backward(*args, True, torch.empty_like(y), states)
                 yield shape, dtype, "backward", bwd
+
+
+def sampling_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch.bfloat16, torch.float32)
+                      ) -> Iterator[Tuple[StageShape, torch.dtype, str, object]]:
+    """(stage, dtype, label kernel name, Launch) of the bilinear-sampling kernels at every stage, built but not run:
+    DefMamba's deformable sequence (x channels-last (B, D, H, W) as the DSSM's conv writes it, fp32 points,
+    offset-bias table and path; the sequence and its gradient in the scan's dtype) and DAMamba's adaptive sampling
+    (u (B, C, H, W), offsets (B, H, W, 2G) from the offset Linear, both in the AMP dtype)."""
+    from models.ops.adaptive import triton as adaptive
+    from models.ops.deform import triton as deform
+    f32 = torch.float32
+    for model in models:
+        for shape in stage_shapes(model):
+            side = math.isqrt(shape.length)
+            for dtype in dtypes:
+                e = lambda *s, dt=dtype: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+                if model.startswith("defmamba"):
+                    x = e(batch, side, side, shape.channels).permute(0, 3, 1, 2)
+                    pos, disp = e(batch, side, side, 2, dt=f32), e(batch, side, side, 2, dt=f32)
+                    table = e(shape.channels, 7, 7, dt=f32)
+                    perm = e(batch, shape.length, dt=torch.long)
+                    fwd, seq = deform.plan_forward(x, pos, table, disp, perm, dtype)
+                    yield shape, dtype, fwd.kernel.__name__, fwd
+                    bwd, _, _ = deform.plan_backward(torch.empty_like(seq), x, pos, table, disp, perm, *[True] * 5)
+                    for part, launch in zip(("x", "table"), bwd):
+                        yield shape, dtype, f"{launch.kernel.__name__}({part})", launch
+                elif shape.offset_groups:
+                    x, offsets = e(batch, shape.channels, side, side), e(batch, side, side, 2 * shape.offset_groups)
+                    fwd, out = adaptive.plan_forward(x, offsets)
+                    yield shape, dtype, fwd.kernel.__name__, fwd
+                    bwd, _ = adaptive.plan_backward(torch.empty_like(out), x, offsets, True, True)
+                    yield shape, dtype, bwd.kernel.__name__, bwd
 
 
 def specialize(launch) -> Tuple[object, Dict[str, str], Dict[Tuple[int], object], Dict, Dict[str, int]]:
@@ -249,17 +286,19 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 
 def distinct_launches(models=MODELS, one_dtype_per_variant: bool = False) -> List[Tuple[List[str], object]]:
-    """([labels], launch) for every distinct compiled kernel the models launch at batch 128, 224 px; the labels
-    name every (kernel, model, stage, dtype) that compiles to it.
+    """([labels], launch) for every distinct compiled kernel the models launch at batch 128, 224 px (scan and
+    sampling kernels); the labels name every (kernel, model, stage, dtype) that compiles to it.
 
-    one_dtype_per_variant: one launch per (kernel, N == 1, ALIGN) variant instead of one per dtype too, the
-    dtypes taken in turn (fp16, bf16, fp32, ...) so that each is compiled: the CI subset."""
+    one_dtype_per_variant: one launch per variant instead of one per dtype too, the dtypes taken in turn (fp16,
+    bf16, fp32, ...) so that each is compiled: the CI subset. A scan variant is (kernel, N == 1, ALIGN); a
+    sampling kernel (and each of the deformable backward's two launches) is one variant."""
     chosen: Dict[str, Tuple[List[str], object]] = {}
     variants: Dict[Tuple, Dict[str, Tuple[List[str], object]]] = {}
-    for shape, dtype, kind, launch in model_launches(models):
-        label = f"{launch.kernel.__name__} {shape.model} stage {shape.stage} {DTYPE_NAMES[dtype]}"
+    scans = ((shape, dtype, launch.kernel.__name__, launch) for shape, dtype, _, launch in model_launches(models))
+    for shape, dtype, name, launch in itertools.chain(scans, sampling_launches(models)):
+        label = f"{name} {shape.model} stage {shape.stage} {DTYPE_NAMES[dtype]}"
         chosen.setdefault(compile_key(launch), ([], launch))[0].append(label)
-        variant = (launch.kernel.__name__, launch.meta["BLOCK_N"] == 1, launch.meta["ALIGN"])
+        variant = (name, launch.meta["BLOCK_N"] == 1, launch.meta["ALIGN"]) if "ALIGN" in launch.meta else (name,)
         variants.setdefault(variant, {}).setdefault(DTYPE_NAMES[dtype], ([label], launch))
     if not one_dtype_per_variant:
         return list(chosen.values())
@@ -277,8 +316,8 @@ def _compile_row(index: int) -> dict:
     return dict(label=labels[0], labels=labels, target=f"sm_{capability}", registers=r.registers, local_bytes=r.local_bytes,
                 shared_bytes=r.shared_bytes, num_warps=r.num_warps,
                 warps_per_sm=warps_by_registers(r.registers, r.num_warps),
-                shared_limit=SM_LIMITS[capability]["shared"], **{k: v for k, v in launch.meta.items()
-                                                                 if k in ("BLOCK_D", "BLOCK_N", "CHUNK", "ALIGN")})
+                shared_limit=SM_LIMITS[capability]["shared"],
+                **{k: v for k, v in launch.meta.items() if k in ("BLOCK_C", "BLOCK_D", "BLOCK_N", "CHUNK", "ALIGN")})
 
 
 def resource_rows(launches: List[Tuple[List[str], object]], capabilities=(80, 90), workers: int = 2

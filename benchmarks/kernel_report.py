@@ -1,7 +1,9 @@
 """Resources, simulated traffic and the roofline bound of the Triton scan kernels at every DefMamba-T/S (and
-DAMamba-T) stage shape, as a markdown table: everything derived on a CPU, nothing timed on a GPU.
+DAMamba-T) stage shape, as a markdown table, and the resources of the bilinear-sampling kernels (deformable
+sequence, adaptive sampling) as a second: everything derived on a CPU, nothing timed on a GPU.
 
     python benchmarks/kernel_report.py [--models defmamba_tiny,defmamba_small,damamba_tiny] [--out FILE]
+                                       [--sampling-only]   (the second table alone: under a minute)
 
 - registers / spills / shared memory: ahead-of-time compile for sm_80 and sm_90 of every distinct launch the
   models make (fp16, bf16, fp32 inputs; benchmarks/kernel_analysis.py, in a subprocess without the interpreter);
@@ -39,11 +41,13 @@ MUFU_PER_S = 16 * 132 * 1.98e9                # special-function ops/s, both GPU
 BATCH = 128
 
 
-def resources(models) -> list:
+def resources(models, sampling_only: bool = False) -> list:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    keep = "not l[0][0].startswith('scan_')" if sampling_only else "True"
     code = ("import sys, json; sys.path.insert(0, %r); sys.path.insert(0, %r); import kernel_analysis as ka\n"
-            "for r in ka.resource_rows(ka.distinct_launches(%r)): print(json.dumps(r), flush=True)"
-            % (str(HERE.parent), str(HERE), tuple(models)))
+            "launches = [l for l in ka.distinct_launches(%r) if %s]\n"
+            "for r in ka.resource_rows(launches): print(json.dumps(r), flush=True)"
+            % (str(HERE.parent), str(HERE), tuple(models), keep))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -70,8 +74,32 @@ def roofline(shape: ka.StageShape, kind: str, ratio: float, bandwidth: float):
     return max(t_mem, t_mufu) * 1e6, "memory" if t_mem >= t_mufu else "MUFU"
 
 
+def sampling_table(rows: list) -> str:
+    """One line per (sampling kernel, model): the worst registers over its stages and dtypes, per target."""
+    worst: dict = {}
+    for r in rows:
+        for label in r["labels"]:
+            kernel, model = label.split()[:2]
+            if kernel.startswith("scan_"):
+                continue
+            best = worst.setdefault((model, kernel), {})
+            if r["target"] not in best or r["registers"] > best[r["target"]]["registers"]:
+                best[r["target"]] = r
+    lines = ["| model | kernel | tile (BLOCK_C x BLOCK_N), warps | regs sm_80 / sm_90 (most, any stage and dtype) | "
+             "spills | shared | warps/SM (occupancy) |", "|---|---|---|---|---|---|---|"]
+    for (model, kernel), by_target in worst.items():
+        r80, r90 = by_target["sm_80"], by_target["sm_90"]
+        warps = min(r80["warps_per_sm"], r90["warps_per_sm"])
+        lines.append(f"| {model} | {kernel} | {r90['BLOCK_C']} x {r90['BLOCK_N']}, {r90['num_warps']} | "
+                     f"{r80['registers']} / {r90['registers']} | {max(r80['local_bytes'], r90['local_bytes'])} | "
+                     f"{max(r80['shared_bytes'], r90['shared_bytes'])} | {warps} ({warps / 64:.0%}) |")
+    return "\n".join(lines)
+
+
 def report(models) -> str:
-    rows = resources(models)
+    """The scan table, its summary line and the sampling kernels' table."""
+    every = resources(models)
+    rows = [r for r in every if r["label"].startswith("scan_")]
     by_label = {(label, r["target"]): r for r in rows for label in r["labels"]}
     kinds = {"forward": "scan_fwd_kernel", "backward": "scan_bwd_kernel"}
     lines = ["| model | stage (D, L, N) | kernel | tile (BLOCK_D x CHUNK), warps | regs sm_80 / sm_90 | spills | "
@@ -96,7 +124,7 @@ def report(models) -> str:
               f"{min(r['registers'] for r in rows)}-{worst['registers']} (most: {worst['label']}, {worst['target']}), "
               f"spills {max(r['local_bytes'] for r in rows)} B, shared memory at most "
               f"{max(r['shared_bytes'] for r in rows)} B, at least {min(r['warps_per_sm'] for r in rows)} warps "
-              f"per SM by registers."]
+              f"per SM by registers.", "", sampling_table(every)]
     return "\n".join(lines)
 
 
@@ -104,8 +132,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="defmamba_tiny,defmamba_small,damamba_tiny")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--sampling-only", action="store_true", help="only the sampling kernels' table")
     args = parser.parse_args(argv)
-    table = report(args.models.split(","))
+    models = args.models.split(",")
+    table = sampling_table(resources(models, True)) if args.sampling_only else report(models)
     print(table)
     if args.out:
         Path(args.out).write_text(table + "\n")

@@ -13,19 +13,22 @@ x = (2 (j + dx) + 1) / W - 1, y = (2 (i + dy) + 1) / H - 1. The sample of (i, j)
 Backends (switch "deform" of models.ops.backends, shared with the deformable sequence: DEFMAMBA_DEFORM_BACKEND,
 or set_backend / use_backend), one file each in this package:
     reference.py  torch   the point-offset sampling of ops/deform at pixel positions: the readable specification;
-    auto: torch (no GPU kernel yet: a forced triton raises BackendUnavailable rather than run the reference).
+    triton.py     triton  host side of one kernel per direction (kernels/triton/adaptive.py), run through the
+                          custom op `defmamba::adaptive_sample` (op.py);
+    auto: triton for CUDA tensors when Triton imports, torch otherwise.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from ..backends import register_operation, resolve
+from ..backends import Backend, register_operation, resolve, triton_check
+from .op import adaptive_sample_op
 from .reference import adaptive_sample_reference, pixel_offsets_to_positions
 
 __all__ = ["adaptive_sample", "pixel_offsets_to_positions"]
 
 ADAPTIVE = "adaptive sampling"
-register_operation(ADAPTIVE, "deform", ())
+register_operation(ADAPTIVE, "deform", ((Backend.TRITON, triton_check("kernels.triton.adaptive")),))
 
 
 def adaptive_sample(x: Tensor, offsets: Tensor) -> Tensor:
@@ -40,5 +43,6 @@ def adaptive_sample(x: Tensor, offsets: Tensor) -> Tensor:
     groups = offsets.shape[3] // 2
     if groups == 0 or channels % groups:
         raise ValueError(f"{channels} channels cannot be split into {groups} offset groups")
-    resolve(ADAPTIVE, x.device.type)  # refuses a forced backend it lacks; the reference is its only one yet
+    if resolve(ADAPTIVE, x.device.type) is Backend.TRITON:
+        return adaptive_sample_op(x, offsets)
     return adaptive_sample_reference(x, offsets)

@@ -10,7 +10,7 @@ index_offset.py, on the bilinear sampling of bilinear.py), including the average
 Backends (switch "deform" of models.ops.backends: DEFMAMBA_DEFORM_BACKEND, or set_backend / use_backend), one
 file each in this package:
     reference.py  torch   the composition of those Functions: the readable specification;
-    triton.py     triton  host side of one fused kernel per direction (kernels/triton/deformable.py);
+    triton.py     triton  host side of the fused forward kernel and the adjoint kernel (kernels/triton/deformable.py);
     auto: triton for CUDA tensors when Triton imports, torch otherwise.
 Both run inside one torch.library custom op, `defmamba::deformable_sequence` (op.py).
 """
