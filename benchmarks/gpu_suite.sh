@@ -107,7 +107,7 @@ run_step build 300 "$OUT/build.log" env TORCH_CUDA_ARCH_LIST="$ARCH" MAX_JOBS="$
 # 3. GPU tests ---------------------------------------------------------------------------------------------
 tests=()
 for t in tests/test_selective_scan_cuda.py tests/test_gpu_model.py tests/test_selective_scan_triton.py \
-         tests/test_deformable_triton.py tests/test_sync.py; do
+         tests/test_deformable_triton.py tests/test_adaptive_triton.py tests/test_sync.py; do
     [ -f "$t" ] && tests+=("$t")
 done
 # DATA.LOADER dali on the GPU, where DALI is installed (requirements-dali.txt; the device image lacks it)

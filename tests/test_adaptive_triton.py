@@ -1,67 +1,55 @@
-"""DAMamba's adaptive sampling on the Triton backend (run by Triton's CPU interpreter: conftest.py sets
-TRITON_INTERPRET=1 before triton is imported) against an independent reference: F.grid_sample with
-align_corners=False, one call per channel group, differentiated by autograd in float64 (the release's
-formulation, written out below; the torch backend is checked against the same in tests/test_damamba.py).
+"""DAMamba's adaptive sampling on the Triton backend, on TRITON_DEVICE (CPU tensors in Triton's interpreter
+without a GPU: conftest.py sets TRITON_INTERPRET=1 before triton is imported; compiled on a GPU), against an
+independent reference on the CPU: F.grid_sample with align_corners=False, one call per channel group,
+differentiated by autograd in float64 (the release's formulation, tests/sampling_reference.py; the torch
+backend is checked against the same in tests/test_damamba.py).
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 from models.damamba import DAMamba
 from models.ops.adaptive import adaptive_sample
 from models.ops.backends import BackendUnavailable, use_backend
-
-
-def grid_sample_reference(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """out[b, c, i, j] = x[b, c] bilinearly at (i + dy_g, j + dx_g), zeros outside, via F.grid_sample."""
-    batch, channels, height, width = x.shape
-    groups = offsets.shape[-1] // 2
-    per = channels // groups
-    rows = torch.arange(height, dtype=offsets.dtype).view(-1, 1)
-    cols = torch.arange(width, dtype=offsets.dtype).view(1, -1)
-    outs = []
-    for g in range(groups):
-        dx, dy = offsets[..., 2 * g], offsets[..., 2 * g + 1]
-        grid = torch.stack([(2 * (cols + dx) + 1) / width - 1, (2 * (rows + dy) + 1) / height - 1], -1)
-        outs.append(F.grid_sample(x[:, g * per:(g + 1) * per], grid.to(x.dtype), mode="bilinear",
-                                  padding_mode="zeros", align_corners=False))
-    return torch.cat(outs, 1)
+from sampling_reference import grid_sample_reference
+from scan_reference import TRITON_DEVICE
 
 
 def make_inputs(batch, channels, height, width, groups, dtype=torch.float64, spread=2.5, seed=0,
-                channels_last=False):
-    """Features and pixel offsets of spread `spread` (many points partly or wholly outside the map)."""
+                channels_last=False, device=TRITON_DEVICE):
+    """Features and pixel offsets of spread `spread` (many points partly or wholly outside the map), drawn on
+    the CPU and placed on `device`."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64).to(dtype)
+    x = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64).to(device, dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     offsets = (torch.randn(batch, height, width, 2 * groups, generator=gen, dtype=torch.float64) * spread).to(dtype)
     # the offset gradient jumps at integer pixel coordinates, which fp16 / bf16 offsets hit exactly; the
     # reference's normalise-unnormalise round trip may land on either side: keep the points off them
     frac = offsets.double().frac().abs()
-    offsets = torch.where((frac < 0.02) | (frac > 0.98), offsets.double() + 0.25, offsets.double()).to(dtype)
+    offsets = torch.where((frac < 0.02) | (frac > 0.98), offsets.double() + 0.25, offsets.double()).to(device, dtype)
     return x.requires_grad_(), offsets.requires_grad_()
 
 
 def wholly_outside(offsets: torch.Tensor) -> torch.Tensor:
     """Points whose four neighbours all lie outside the map (pixel coordinates outside (-1, H) x (-1, W))."""
     _, height, width, _ = offsets.shape
-    y = torch.arange(height).view(-1, 1, 1) + offsets[..., 1::2]
-    x = torch.arange(width).view(1, -1, 1) + offsets[..., 0::2]
+    y = torch.arange(height, device=offsets.device).view(-1, 1, 1) + offsets[..., 1::2]
+    x = torch.arange(width, device=offsets.device).view(1, -1, 1) + offsets[..., 0::2]
     return (y <= -1) | (y >= height) | (x <= -1) | (x >= width)
 
 
 def reference_and_triton(x, offsets, seed=1):
-    """(out, dx, doffsets) of the float64 grid_sample reference and of the Triton backend, same upstream grad."""
-    wide = [t.detach().double().requires_grad_() for t in (x, offsets)]
+    """(out, dx, doffsets) of the float64 grid_sample reference on CPU copies and of the Triton backend where
+    x and offsets are, same upstream grad; both on the CPU."""
+    wide = [t.detach().cpu().double().requires_grad_() for t in (x, offsets)]
     ref = grid_sample_reference(*wide)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     expected = (ref.detach(),) + torch.autograd.grad(ref, wide, grad)
     with use_backend("deform", "triton"):
         out = adaptive_sample(x, offsets)
-        actual = (out,) + torch.autograd.grad(out, (x, offsets), grad.to(out.dtype))
-    return expected, actual
+        actual = (out,) + torch.autograd.grad(out, (x, offsets), grad.to(out.device, out.dtype))
+    return expected, tuple(t.cpu() for t in actual)
 
 
 SHAPES = {  # batch, channels, height, width, groups
@@ -113,10 +101,11 @@ def test_non_finite_offsets_propagate_nan_like_the_torch_backend():
         offsets[0, 1, 2, 0] = float("nan")
         offsets[0, 2, 3, 3] = float("inf")
     results = []
-    for backend in ("torch", "triton"):
+    for backend, device in (("torch", "cpu"), ("triton", TRITON_DEVICE)):
+        inputs = [t.detach().to(device).requires_grad_() for t in (x, offsets)]
         with use_backend("deform", backend):
-            out = adaptive_sample(x, offsets)
-            results.append((out,) + torch.autograd.grad(out.nan_to_num(0.0).sum(), (x, offsets)))
+            out = adaptive_sample(*inputs)
+            results.append(tuple(t.cpu() for t in (out,) + torch.autograd.grad(out.nan_to_num(0.0).sum(), inputs)))
     assert results[0][0].isnan().any()  # the case exercises NaN
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
@@ -127,9 +116,9 @@ def test_custom_op_registration_opcheck():
     torch.library.opcheck(torch.ops.defmamba.adaptive_sample.default, (x, offsets),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     backward = torch.ops.defmamba.adaptive_sample_backward.default
-    torch.library.opcheck(backward, (torch.ones(2, 8, 3, 5), x, offsets, True, True),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(backward, (torch.ones(2, 8, 3, 5), x, offsets, False, True),
+    dout = torch.ones(2, 8, 3, 5, device=x.device)
+    torch.library.opcheck(backward, (dout, x, offsets, True, True), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(backward, (dout, x, offsets, False, True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -137,7 +126,7 @@ def test_fullgraph_compile_of_triton_backend_matches_eager():
     x, offsets = make_inputs(2, 8, 3, 5, 2, dtype=torch.float32)
 
     def loss(x, offsets):
-        return (adaptive_sample(x, offsets).square() * torch.arange(5)).sum()
+        return (adaptive_sample(x, offsets).square() * torch.arange(5, device=x.device)).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     with use_backend("deform", "triton"):
@@ -166,10 +155,12 @@ def tiny_damamba() -> DAMamba:
 
 
 def forward_backward(model: DAMamba, images: torch.Tensor, backend: str):
-    with use_backend("deform", backend):
+    # the scan on torch, as auto picks for CPU tensors (on a GPU it would pick the CUDA scan, fp32 only)
+    with use_backend("deform", backend), use_backend("scan", "torch"):
         model.zero_grad()
         logits = model(images)
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)).sum().backward()
+        weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype, device=logits.device)
+        (logits * weights.view_as(logits)).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -178,7 +169,9 @@ def test_tiny_damamba_on_triton_matches_torch_in_float64():
     with torch.no_grad():  # offsets of several pixels, as a trained offset network makes
         for block in (stage.blocks[0] for stage in model.stages):
             block.token_mixer.da_scan.offset.bias.normal_(0.0, 2.0)
+    model = model.to(TRITON_DEVICE)  # both runs there, so that only the sampling backend differs
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    images = images.to(TRITON_DEVICE)
     want_logits, want_grads = forward_backward(model, images, "torch")
     got_logits, got_grads = forward_backward(model, images, "triton")
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-10, atol=1e-12)

@@ -15,6 +15,7 @@ from models.ops.adaptive import adaptive_sample
 from models.damamba import DABlock
 from models.damamba.layers import ResDWC
 from models.damamba.dassm import DASSM
+from sampling_reference import grid_sample_reference
 
 REPO = Path(__file__).resolve().parents[1]
 # every state_dict key of the released DAMamba-T with its shape, in the release's order
@@ -117,21 +118,6 @@ def test_wrong_variant_checkpoint_is_a_one_line_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- adaptive sampling
-
-def grid_sample_reference(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The release's convention written with F.grid_sample(align_corners=False), one call per channel group."""
-    batch, channels, height, width = x.shape
-    groups = offsets.shape[-1] // 2
-    per = channels // groups
-    rows = torch.arange(height, dtype=x.dtype).view(-1, 1)
-    cols = torch.arange(width, dtype=x.dtype).view(1, -1)
-    outs = []
-    for g in range(groups):
-        dx, dy = offsets[..., 2 * g], offsets[..., 2 * g + 1]
-        grid = torch.stack([(2 * (cols + dx) + 1) / width - 1, (2 * (rows + dy) + 1) / height - 1], -1)
-        outs.append(F.grid_sample(x[:, g * per:(g + 1) * per], grid, mode="bilinear", padding_mode="zeros",
-                                  align_corners=False))
-    return torch.cat(outs, 1)
 
 
 @pytest.mark.parametrize("size", [(5, 7), (1, 4), (3, 1), (1, 1)])

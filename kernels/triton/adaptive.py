@@ -38,19 +38,28 @@ def _pixel_point(off_ptr, row, slots, smask, width, groups, g, ACC: tl.constexpr
 
 
 @triton.jit
+def _program_stencil(off_ptr, groups, height, width, stride_h, stride_w, ACC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's batch b, group g, pixels (slots, their mask, their rows b * H*W + n) and the bilinear
+    stencil (neighbour offsets, weights) at group g's sample points."""
+    b = (tl.program_id(0) // groups).to(tl.int64)
+    g = tl.program_id(0) % groups
+    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    smask = slots < height * width
+    row = b * (height * width) + slots
+    qy, qx = _pixel_point(off_ptr, row, slots, smask, width, groups, g, ACC)
+    i00, i01, i10, i11, w00, w01, w10, w11 = point_stencil(qy, qx, height, width, stride_h, stride_w)
+    return b, g, slots, smask, row, i00, i01, i10, i11, w00, w01, w10, w11
+
+
+@triton.jit
 def adaptive_sample_fwd_kernel(
         x_ptr, off_ptr, out_ptr, channels, groups, height, width, stride_b, stride_c, stride_h, stride_w,
         ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """out (B, C, H*W) = x (B, C, H, W) sampled per channel group at its pixel offsets."""
-    b = (tl.program_id(0) // groups).to(tl.int64)
-    g = tl.program_id(0) % groups
+    (b, g, slots, smask, row, i00, i01, i10, i11,
+     w00, w01, w10, w11) = _program_stencil(off_ptr, groups, height, width, stride_h, stride_w, ACC, BLOCK_N)
     per_group = channels // groups
     length = height * width
-    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    smask = slots < length
-    row = b * length + slots
-    qy, qx = _pixel_point(off_ptr, row, slots, smask, width, groups, g, ACC)
-    i00, i01, i10, i11, w00, w01, w10, w11 = point_stencil(qy, qx, height, width, stride_h, stride_w)
     for c0 in range(0, per_group, BLOCK_C):
         ch = g * per_group + c0 + tl.arange(0, BLOCK_C)
         mask = (c0 + tl.arange(0, BLOCK_C) < per_group)[:, None] & smask[None, :]
@@ -67,15 +76,10 @@ def adaptive_sample_bwd_kernel(
         NEED_X: tl.constexpr, NEED_OFF: tl.constexpr, ACC: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Adjoint of the forward kernel: dx (x's strides) a zero-filled ACC buffer, doff (B, H*W, 2G)."""
-    b = (tl.program_id(0) // groups).to(tl.int64)
-    g = tl.program_id(0) % groups
+    (b, g, slots, smask, row, i00, i01, i10, i11,
+     w00, w01, w10, w11) = _program_stencil(off_ptr, groups, height, width, stride_h, stride_w, ACC, BLOCK_N)
     per_group = channels // groups
     length = height * width
-    slots = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    smask = slots < length
-    row = b * length + slots
-    qy, qx = _pixel_point(off_ptr, row, slots, smask, width, groups, g, ACC)
-    i00, i01, i10, i11, w00, w01, w10, w11 = point_stencil(qy, qx, height, width, stride_h, stride_w)
     g00 = tl.full([BLOCK_N], 0.0, ACC)
     g01 = tl.full([BLOCK_N], 0.0, ACC)
     g10 = tl.full([BLOCK_N], 0.0, ACC)
