@@ -3,8 +3,9 @@
 The reference (`torch_ops_reference`, below) samples with F.grid_sample, resizes the offset-bias table with
 F.interpolate, sorts with torch.argsort and differentiates all of it with autograd in float64; only the
 paper's index-offset surrogate gradient is written out. The op's `torch` backend (the project's Functions
-forward, their hand-written adjoint backward) and its `triton` backend (the fused kernels, run by Triton's CPU
-interpreter: conftest.py sets TRITON_INTERPRET=1 before triton is imported) are each compared with it.
+forward, their hand-written adjoint backward) on CPU tensors and its `triton` backend (the fused kernels) on
+TRITON_DEVICE (CPU tensors in Triton's interpreter without a GPU: conftest.py sets TRITON_INTERPRET=1 before
+triton is imported; compiled on a GPU) are each compared with it, the reference running on CPU copies.
 Non-finite points, where grid_sample's convention differs from the project's, are compared with the
 project's own reference Functions.
 """
@@ -21,19 +22,36 @@ from torch.autograd import gradcheck
 from models.ops.backends import BackendUnavailable, use_backend
 from models.defmamba import DefMamba
 from models.ops.deform import choose_backend, deformable_sequence, deformable_sequence_reference
+from scan_reference import TRITON_DEVICE
 
 BACKENDS = ("torch", "triton")
 
 
+def device_of(backend: str):
+    """Where the inputs of `backend` live: the Triton kernels' device, else the CPU."""
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    """On a GPU the fp32 table resize of the triton backend (Ry @ T @ Rx^T) and the tiny model's matmuls and
+    convolutions would run in TF32 where it is enabled, far outside the fp32 tolerances here (no-op on CPUs)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def make_inputs(batch, channels, height, width, dtype=torch.float32, x_dtype=None, table=True, path=True,
-                table_size=(7, 7), layout="contiguous", seed=0):
-    """Random features, points partly outside the image (|pos| up to 1.3), displacements, table and path."""
+                table_size=(7, 7), layout="contiguous", seed=0, device="cpu"):
+    """Random features, points partly outside the image (|pos| up to 1.3), displacements, table and path,
+    drawn on the CPU and placed on `device`."""
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape, spread=None):
         t = torch.randn(*shape, generator=gen, dtype=torch.float64) if spread is None else \
             (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * spread
-        return t.to(dtype)
+        return t.to(device=device, dtype=dtype)
 
     x = rand(batch, channels, height, width).to(x_dtype or dtype)
     if layout == "channels_last":  # the DSSM's conv output on GPUs: read in place
@@ -85,16 +103,17 @@ def fp32_tolerance(want):
 
 def reference_and_op(inputs, backend, out_dtype=None, seed=1, reference=None):
     """(outputs, grads) of the reference (default: torch_ops_reference in float64, rounded to the op's dtypes)
-    and of the custom op under `backend`, with the same upstream gradient."""
+    on CPU copies of the inputs and of the custom op under `backend` where the inputs are, with the same
+    upstream gradient; both on the CPU."""
     leaves = [t for t in inputs if t is not None]
     if reference is None:
-        wide = [t if t is None else t.detach().double().requires_grad_() for t in inputs]
+        wide = [t if t is None else t.detach().cpu().double().requires_grad_() for t in inputs]
         seq, perm = torch_ops_reference(*wide)
         # the op's precision: fp64 when a sampled input is fp64, else fp32
         acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in inputs[:4]) else torch.float32
     else:
-        wide = inputs
-        seq, perm = reference(*inputs)
+        wide = [t if t is None else t.detach().cpu().requires_grad_() for t in inputs]
+        seq, perm = reference(*wide)
         acc = seq.dtype
     grad = torch.randn(seq.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     grad = grad.to(out_dtype or acc)  # the same upstream values reach both
@@ -102,8 +121,8 @@ def reference_and_op(inputs, backend, out_dtype=None, seed=1, reference=None):
     expected = (seq.detach().to(acc), perm) + tuple(g.to(t.dtype) for g, t in zip(wide_grads, leaves))
     with use_backend("deform", backend):
         seq, perm = deformable_sequence(*inputs, out_dtype=out_dtype)
-        actual = (seq, perm) + torch.autograd.grad(seq, leaves, grad.to(seq.dtype))
-    return expected, actual
+        actual = (seq, perm) + torch.autograd.grad(seq, leaves, grad.to(seq.device, seq.dtype))
+    return expected, tuple(t.cpu() for t in actual)
 
 
 CASES = {  # batch, channels, height, width, options
@@ -122,7 +141,7 @@ CASES = {  # batch, channels, height, width, options
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_and_gradients_match_reference_functions(case, backend):
     batch, channels, height, width, options = CASES[case]
-    inputs = make_inputs(batch, channels, height, width, **options)
+    inputs = make_inputs(batch, channels, height, width, **options, device=device_of(backend))
     expected, actual = reference_and_op(inputs, backend)
     names = ["seq", "perm"] + [n for n, t in zip(["dx", "dpos", "dtable", "ddisp", "dpath"], inputs) if t is not None]
     bf16 = options.get("x_dtype") == torch.bfloat16
@@ -135,7 +154,7 @@ def test_forward_and_gradients_match_reference_functions(case, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sequence_written_in_requested_dtype(backend):
-    inputs = make_inputs(3, 4, 5, 7, x_dtype=torch.bfloat16)
+    inputs = make_inputs(3, 4, 5, 7, x_dtype=torch.bfloat16, device=device_of(backend))
     expected, actual = reference_and_op(inputs, backend, out_dtype=torch.bfloat16)
     assert actual[0].dtype == torch.bfloat16
     # one rounding of the same fp32 sum
@@ -147,14 +166,15 @@ def test_sequence_written_in_requested_dtype(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_matches_reference_tightly(backend):
-    inputs = make_inputs(3, 3, 5, 7, dtype=torch.float64, table_size=(4, 3))
+    inputs = make_inputs(3, 3, 5, 7, dtype=torch.float64, table_size=(4, 3), device=device_of(backend))
     expected, actual = reference_and_op(inputs, backend)
     for want, got in zip(expected, actual):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_float64_gradcheck_through_interpreted_kernels():
-    x, pos, table, disp, path = make_inputs(1, 2, 3, 2, dtype=torch.float64, table_size=(2, 3), seed=3)
+def test_float64_gradcheck_through_triton_kernels():
+    x, pos, table, disp, path = make_inputs(1, 2, 3, 2, dtype=torch.float64, table_size=(2, 3), seed=3,
+                                            device=TRITON_DEVICE)
     path = path.detach()  # the index-offset gradient is a surrogate, not a derivative
     with use_backend("deform", "triton"):
         assert gradcheck(lambda *a: deformable_sequence(*a, path)[0], (x, pos, table, disp), eps=1e-6, atol=1e-6)
@@ -163,7 +183,7 @@ def test_float64_gradcheck_through_interpreted_kernels():
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy inside the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_finite_points_propagate_nan_like_the_reference(backend):
-    inputs = make_inputs(1, 3, 5, 7)
+    inputs = make_inputs(1, 3, 5, 7, device=device_of(backend))
     with torch.no_grad():
         inputs[1][0, 1, 2, 0] = float("nan")
         inputs[1][0, 3, 3, 1] = float("inf")
@@ -176,7 +196,7 @@ def test_non_finite_points_propagate_nan_like_the_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_op_registration_opcheck(backend):
-    x, pos, table, disp, path = make_inputs(2, 3, 3, 5, table_size=(3, 3))
+    x, pos, table, disp, path = make_inputs(2, 3, 3, 5, table_size=(3, 3), device=device_of(backend))
     x = x.detach().to(memory_format=torch.channels_last).requires_grad_()  # as the DSSM's conv output
     pos = pos.detach().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).requires_grad_()
     op = torch.ops.defmamba.deformable_sequence.default
@@ -191,11 +211,11 @@ def test_custom_op_registration_opcheck(backend):
 
 
 def test_fullgraph_compile_of_triton_backend_matches_eager():
-    inputs = make_inputs(3, 4, 5, 7)
+    inputs = make_inputs(3, 4, 5, 7, device=TRITON_DEVICE)
 
     def loss(x, pos, table, disp, path):
         seq, perm = deformable_sequence(x, pos, table, disp, path)
-        return (seq.square() * torch.arange(seq.shape[-1])).sum() + perm[:, 0].sum()
+        return (seq.square() * torch.arange(seq.shape[-1], device=seq.device)).sum() + perm[:, 0].sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
     with use_backend("deform", "triton"):
@@ -256,21 +276,23 @@ def forward_backward(model: DefMamba, images: torch.Tensor, backends: Dict[str, 
             stack.enter_context(use_backend(op, backend))
         model.zero_grad()
         logits = model(images)
-        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        (logits * torch.linspace(-1, 1, logits.numel(), device=logits.device).view_as(logits)).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-# each entry forces the named operations to Triton (interpreted); the reference forces them to torch
+# each entry forces the named operations to Triton; the reference, and every operation not forced, run on torch
+# (what auto picks for CPU tensors; for CUDA tensors it would pick the CUDA scan or Triton)
+ALL_TORCH = {"deform": "torch", "scan": "torch", "merge": "torch"}
 TRITON_COMBINATIONS = {"deform": {"deform": "triton"}, "deform+scan": {"deform": "triton", "scan": "triton"}}
 
 
 @pytest.mark.parametrize("forced", list(TRITON_COMBINATIONS))
 def test_tiny_defmamba_triton_backends_match_torch(forced):
-    model = tiny_defmamba()
-    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    reference = {op: "torch" for op in TRITON_COMBINATIONS[forced]}
-    want_logits, want_grads = forward_backward(model, images, reference)
-    got_logits, got_grads = forward_backward(model, images, TRITON_COMBINATIONS[forced])
+    # both runs on the Triton kernels' device, so that only the forced backends differ (fp32: see no_tf32)
+    model = tiny_defmamba().to(TRITON_DEVICE)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(TRITON_DEVICE)
+    want_logits, want_grads = forward_backward(model, images, ALL_TORCH)
+    got_logits, got_grads = forward_backward(model, images, {**ALL_TORCH, **TRITON_COMBINATIONS[forced]})
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-6)
     assert want_grads.keys() == got_grads.keys()
     for part in ("DS.rpe_table", "DS.conv_offset.conv2.weight", "DS.conv_offset.conv1.weight"):
@@ -282,10 +304,11 @@ def test_tiny_defmamba_triton_backends_match_torch(forced):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deformable_scan_writes_the_sequence_in_the_scan_dtype(backend):
     from models.defmamba.deformable_scan import DeformableScan
+    device = device_of(backend)
     torch.manual_seed(0)
-    layer = DeformableScan(4, 3)
-    x = torch.randn(2, 4, 5, 7).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    layer = DeformableScan(4, 3).to(device)
+    x = torch.randn(2, 4, 5, 7).bfloat16().to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         with use_backend("deform", backend):
             seq, perm = layer(x, out_dtype=torch.bfloat16)
         with use_backend("deform", "torch"):

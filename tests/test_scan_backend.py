@@ -123,12 +123,15 @@ def test_custom_op_registration(backend):
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the custom op."""
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     u, delta, A, B, C, D, bias = [t.requires_grad_(True) for t in _inputs(device, length=5)]
-    torch.library.opcheck(torch.ops.defmamba.selective_scan.default, (u, delta, A, B, C, D, bias, True, backend))
-    torch.library.opcheck(torch.ops.defmamba.selective_scan.default, (u, delta, A, B, C, None, None, False, backend))
+    op = torch.ops.defmamba.selective_scan.default
+    torch.library.opcheck(op, (u, delta, A, B, C, D, bias, True, [], backend))
+    torch.library.opcheck(op, (u, delta, A, B, C, None, None, False, [], backend))
+    torch.library.opcheck(op, (u, delta, A, B, C, D, bias, True, [1], backend))  # one group backward in time
 
 
 @needs_triton
 def test_tiny_defmamba_on_the_triton_scan_equals_the_torch_scan():
+    """The scan and the branch merge after it both on Triton, against both on the torch references."""
     torch.manual_seed(0)
     model = DefMamba(num_classes=5, embed_dim=8, depths=(1, 1, 1, 1), offset_kernels=(3, 3, 3, 3),
                      drop_path_rate=0.0).to(TRITON_DEVICE)
@@ -136,7 +139,7 @@ def test_tiny_defmamba_on_the_triton_scan_equals_the_torch_scan():
     results = {}
     for backend in ("torch", "triton"):
         model.zero_grad()
-        with use_backend("scan", backend):
+        with use_backend("scan", backend), use_backend("merge", backend):
             logits = model(x)
             logits.square().sum().backward()
         results[backend] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}

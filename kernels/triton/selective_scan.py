@@ -14,6 +14,11 @@ starting from the chunk's start state, which it carries in registers as a (BLOCK
 A state is a column of that tile: read and written with a select and a row sum, so no register tile is
 ever indexed.
 
+Direction: a launch scans the groups of `group_mask` (NG of them), all forward in time or, with REVERSE, all
+backward (t = L-1 down to 0: the DSSM's backward branch read in place, no reversed copy). A reversed scan
+walks the chunks from the end and runs each tile's scans in the other direction, so its tiles are the same
+ascending, contiguous loads and its outputs land at the steps they belong to.
+
 Forward: y is written once per chunk; the state at the start of every chunk but the first is stored,
 `states` (batch, D, chunks - 1, N). Backward: chunks last to first; each is recomputed from its stored
 start state and the adjoint g_t = dy_t C_t + a_{t+1} g_{t+1} runs as a reverse associative scan over the
@@ -34,8 +39,8 @@ __all__ = ["scan_fwd_kernel", "scan_bwd_kernel"]
 # host passes ALIGN instead, the largest power of two (<= 16 bytes) dividing every (batch, D, L) row start, so
 # that Triton can vectorise the row loads and give each thread ALIGN consecutive steps of the tile: the scan is
 # then mostly sequential in registers and only log2(lanes) shuffle steps deep.
-_RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "su_b", "su_d", "sdl_b", "sdl_d", "sA_d",
-                 "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
+_RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "NG", "group_mask", "su_b", "su_d", "sdl_b",
+                 "sdl_d", "sA_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
 _UNALIGNED = ["B_ptr", "C_ptr"]  # views of the x projection at any offset
 
 
@@ -66,24 +71,48 @@ def _load_tile(ptr, row, t, mask, ACC: tl.constexpr):
     return tl.load(ptr + row[:, None] + t[None, :], mask=mask, other=0.0).to(ACC)
 
 
+@triton.jit
+def _group(j, NG, G, group_mask):
+    # the j-th set bit of group_mask: the groups of this launch (all of them when NG == G)
+    g = j
+    if NG < G:
+        seen = 0
+        for i in range(G):
+            bit = ((group_mask >> i) & 1).to(tl.int32)
+            g = tl.where((bit == 1) & (seen == j), i, g)
+            seen += bit
+    return g
+
+
+@triton.jit
+def _chunk_start(c, L, CHUNK: tl.constexpr, ALIGN: tl.constexpr, REVERSE: tl.constexpr):
+    # first memory step of the c-th chunk in scan order; a reversed scan's chunks end at L, L - CHUNK, ...,
+    # so its tiles stay ascending, contiguous loads (ALIGN divides L, hence the start)
+    start = c * CHUNK
+    if REVERSE:
+        start = tl.multiple_of(L - (c + 1) * CHUNK, ALIGN)
+    return start
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
-    L, G, per_group, N, nchunk,
+    L, G, per_group, N, nchunk, NG, group_mask,
     su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b = (pid_bg // NG).to(tl.int64)
+    g = _group(pid_bg % NG, NG, G, group_mask)
     ch = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = ch < per_group
     d = g * per_group + ch
     n = tl.arange(0, BLOCK_N)
     mask_dn = mask_d[:, None] & (n < N)[None, :]
     steps = tl.arange(0, CHUNK)
-    last = (steps == CHUNK - 1)[None, :]
+    last = (steps == (0 if REVERSE else CHUNK - 1))[None, :]  # the chunk's last step in scan order
     SINGLE: tl.constexpr = BLOCK_N == 1  # DAMamba, VMamba: the state selects below fold away
     dim = G * per_group
 
@@ -105,8 +134,8 @@ def scan_fwd_kernel(
 
     H = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)
     for c in range(nchunk):
-        t = c * CHUNK + steps
-        mask_t = t < L
+        t = _chunk_start(c, L, CHUNK, ALIGN, REVERSE) + steps
+        mask_t = (t >= 0) & (t < L)
         mask = mask_d[:, None] & mask_t[None, :]
         u = _load_tile(u_ptr, u_row, t, mask, ACC)
         dt = _load_tile(delta_ptr, delta_row, t, mask, ACC) + bias[:, None]
@@ -120,7 +149,7 @@ def scan_fwd_kernel(
             B_i = tl.load(B_row + i * sB_n + t, mask=mask_t, other=0.0).to(ACC)
             C_i = tl.load(C_row + i * sC_n + t, mask=mask_t, other=0.0).to(ACC)
             a = tl.exp(dt * tl.sum(tl.where(sel, A, 0.0), axis=1)[:, None])
-            pa, pb = tl.associative_scan((a, dtu * B_i[None, :]), 1, _recurrence)
+            pa, pb = tl.associative_scan((a, dtu * B_i[None, :]), 1, _recurrence, reverse=REVERSE)
             h = pa * tl.sum(tl.where(sel, H, 0.0), axis=1)[:, None] + pb
             y += h * C_i[None, :]
             H = tl.where(sel, tl.sum(tl.where(last, h, 0.0), axis=1)[:, None], H)
@@ -132,22 +161,23 @@ def scan_fwd_kernel(
 def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, G, per_group, N, nchunk, nblock,
+    L, G, per_group, N, nchunk, nblock, NG, group_mask,
     su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdy_b, sdy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
+    REVERSE: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     pid_blk = tl.program_id(1)
-    b = (pid_bg // G).to(tl.int64)
-    g = pid_bg % G
+    b = (pid_bg // NG).to(tl.int64)
+    g = _group(pid_bg % NG, NG, G, group_mask)
     ch = pid_blk * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = ch < per_group
     d = g * per_group + ch
     n = tl.arange(0, BLOCK_N)
     mask_dn = mask_d[:, None] & (n < N)[None, :]
     steps = tl.arange(0, CHUNK)
-    first = (steps == 0)[None, :]
+    first = (steps == (CHUNK - 1 if REVERSE else 0))[None, :]  # the chunk's first step in scan order
     SINGLE: tl.constexpr = BLOCK_N == 1
     dim = G * per_group
 
@@ -163,7 +193,7 @@ def scan_bwd_kernel(
     delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
     dy_row = tl.multiple_of(b * sdy_b + d * sdy_d, ALIGN)
     out_row = tl.multiple_of((b * dim + d) * L, ALIGN)            # du, ddelta: contiguous (batch, D, L)
-    part_row = (pid_bg * nblock + pid_blk).to(tl.int64) * N * L   # dB, dC rows: (batch, G, nblock, N, L)
+    part_row = ((b * G + g) * nblock + pid_blk) * N * L            # dB, dC rows: (batch, G, nblock, N, L)
     B_row = B_ptr + b * sB_b + g * sB_g
     C_row = C_ptr + b * sC_b + g * sC_g
     state_ptrs = states_ptr + (b * dim + d[:, None]) * (nchunk - 1) * N + n[None, :]
@@ -174,8 +204,8 @@ def scan_bwd_kernel(
     dbias = tl.zeros((BLOCK_D,), dtype=ACC)
     for k in range(nchunk):
         c = nchunk - 1 - k
-        t = c * CHUNK + steps
-        mask_t = t < L
+        t = _chunk_start(c, L, CHUNK, ALIGN, REVERSE) + steps
+        mask_t = (t >= 0) & (t < L)
         mask = mask_d[:, None] & mask_t[None, :]
         H0 = tl.load(state_ptrs + (c - 1) * N, mask=mask_dn & (c > 0), other=0.0).to(ACC)
         u = _load_tile(u_ptr, u_row, t, mask, ACC)
@@ -197,10 +227,11 @@ def scan_bwd_kernel(
             # recompute the chunk's states from its start state
             a = tl.exp(dt * A_i)
             bb = dtu * B_i
-            pa, pb = tl.associative_scan((a, bb), 1, _recurrence)
+            pa, pb = tl.associative_scan((a, bb), 1, _recurrence, reverse=REVERSE)
             h = pa * tl.sum(tl.where(sel, H0, 0.0), axis=1)[:, None] + pb
             # adjoint from the carry q = a g of the next chunk's first step
-            _, p, s = tl.associative_scan((a, tl.full(a.shape, 1.0, ACC), dy * C_i), 1, _adjoint, reverse=True)
+            _, p, s = tl.associative_scan((a, tl.full(a.shape, 1.0, ACC), dy * C_i), 1, _adjoint,
+                                          reverse=not REVERSE)
             gr = s + p * tl.sum(tl.where(sel, Q, 0.0), axis=1)[:, None]
             Q = tl.where(sel, tl.sum(tl.where(first, a * gr, 0.0), axis=1)[:, None], Q)
             da = gr * (h - bb)                        # d loss / d(dt A) = g a h_{t-1}, and a h_{t-1} = h - b

@@ -9,9 +9,12 @@
     out  = out_proj(y * SiLU(z))             (no bias, no output norm, as in the release)
 
 The default (FB-BB + DB, K = 3) is the released model; parameter names and shapes follow the release so its
-checkpoints load strictly. Every fixed order is a permutation of the raster tokens (scan_orders.py), so the
-scan input is built by one gather (plus the deformable sequence) and the merge back to raster order with
-the mean is one inverse gather and one reduction.
+checkpoints load strictly. On the Triton scan the forward and backward branches both read the raster sequence
+as it is: the backward one is scanned from its end (the scan's `reversed_groups`, read in place), so neither
+is gathered and both come out in raster order; the other scan backends would flip copies for that, so there
+the backward branch is one reversed copy instead, as in the release. A continuous or local order is a permutation of the
+raster tokens (scan_orders.py): one gather. The merge back to raster order, the mean and the gate are one
+fused operation (models/ops/merge) reading each branch output once.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from torch import Tensor, nn
 from timm.layers import register_notrace_module
 
 from .deformable_scan import DeformableScan
-from .scan_orders import continuous_order, inverse_order, local_order, raster_order, reversed_order
-from ..ops.scan import selective_scan_fn
+from .scan_orders import continuous_order, inverse_order, local_order, reversed_order
+from ..ops.merge import merge_branches
+from ..ops.scan import reverses_in_place, selective_scan_fn
 from ..ssm_init import init_ssm_parameters
 
 __all__ = ["DSSM", "ThirdBranch", "THIRD_BRANCHES"]
@@ -105,16 +109,13 @@ class DSSM(nn.Module):
         names = ("A_logs", "Ds", "dt_projs_bias")
         return names + ("DS.rpe_table",) if self.DS is not None and self.DS.rpe_table is not None else names
 
-    def fixed_orders(self, height: int, width: int, device: torch.device) -> Optional[Tensor]:
-        """(num_fixed, H*W) token orders of the fixed branches, in branch order, or None when there are none."""
-        orders: List[Tensor] = []
-        if self.fb_bb:
-            orders += [raster_order(height, width, device), reversed_order(height, width, device)]
+    def third_order(self, height: int, width: int, device: torch.device) -> Optional[Tensor]:
+        """(H*W,) token order of a continuous / local third branch, or None (deformable or no third branch)."""
         if self.third_branch is ThirdBranch.CONTINUOUS:
-            orders.append(continuous_order(height, width, device))
-        elif self.third_branch is ThirdBranch.LOCAL:
-            orders.append(local_order(height, width, self.local_window, device))
-        return torch.stack(orders) if orders else None
+            return continuous_order(height, width, device)
+        if self.third_branch is ThirdBranch.LOCAL:
+            return local_order(height, width, self.local_window, device)
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         batch, height, width, _ = x.shape
@@ -122,15 +123,24 @@ class DSSM(nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)))                     # (B, D, H, W)
 
-        # scan input (B, K, D, L): one gather for every fixed order, then the deformable sequence
+        # scan input (B, K, D, L), and where each branch's output for token l is (B, K, L): the raster sequence
+        # for the forward and the backward branch (scanned from its end, or a reversed copy), a gathered
+        # order, the deformable one
         raster = u.flatten(2)
-        branches, inverses = [], []
-        orders = self.fixed_orders(height, width, u.device)
-        if orders is not None:
-            kf = orders.shape[0]
-            branches.append(raster[:, None].expand(batch, kf, d, length).gather(
-                3, orders.view(1, kf, 1, length).expand(batch, kf, d, length)))
-            inverses.append(inverse_order(orders).expand(batch, kf, length))
+        branches: List[Tensor] = []
+        inverses: List[Tensor] = []
+        in_place = self.fb_bb and reverses_in_place(u.device.type)
+        if in_place:
+            branches.append(raster[:, None].expand(batch, 2, d, length))
+            inverses.append(torch.arange(length, device=u.device).expand(batch, 2, length))
+        elif self.fb_bb:
+            branches += [raster[:, None], raster.flip(-1)[:, None]]
+            steps = torch.arange(length, device=u.device)
+            inverses.append(torch.stack([steps, reversed_order(height, width, u.device)]).expand(batch, 2, length))
+        order = self.third_order(height, width, u.device)
+        if order is not None:
+            branches.append(raster.gather(2, order.expand(batch, d, length))[:, None])
+            inverses.append(inverse_order(order).expand(batch, 1, length))
         if self.DS is not None:
             deformed, perm = self.DS(u, out_dtype=raster.dtype)  # written in the dtype the scan reads
             branches.append(deformed[:, None])
@@ -144,11 +154,10 @@ class DSSM(nn.Module):
             xs.reshape(batch, k * d, length), dts.reshape(batch, k * d, length),
             -torch.exp(self.A_logs.float()), Bs, Cs,
             self.Ds.float(), self.dt_projs_bias.float().flatten(), delta_softplus=True,
+            reversed_groups=(1,) if in_place else (),  # the backward branch
         ).view(batch, k, d, length)
 
-        # every branch back to raster order and their mean: one inverse gather, one reduction
-        # (sum then scale rather than mean(), which utils.flops counts as pooling)
+        # every branch back to raster order, their mean and the gate: one pass, tokens channels last
         inverse = inverses[0] if len(inverses) == 1 else torch.cat(inverses, 1)       # (B, K, L)
-        y = ys.gather(3, inverse[:, :, None].expand(batch, k, d, length)).sum(1).div_(k)
-        y = y.view(batch, d, height, width).permute(0, 2, 3, 1)
-        return self.out_proj((y * F.silu(z)).to(x.dtype))
+        y = merge_branches(ys, inverse, z.reshape(batch, length, d), out_dtype=x.dtype)
+        return self.out_proj(y.view(batch, height, width, d))

@@ -3,6 +3,7 @@
     scan/      selective scan (S6) of DefMamba and DAMamba         switch "scan"
     deform/    DefMamba's deformable sequence (point offset, offset bias, index offset)   switch "deform"
     adaptive/  DAMamba's dynamic adaptive sampling                 switch "deform"
+    merge/     the DSSM's branch merge (inverse orders, mean, gate)  switch "merge"
 
     __init__.py   the front end: checks the arguments, asks backends.resolve, calls the implementation
     reference.py  the pure-PyTorch implementation, also the readable specification
@@ -16,7 +17,8 @@ one way: model families -> ops -> kernels.
 from .adaptive import adaptive_sample
 from .backends import Backend, BackendUnavailable, get_backend, set_backend, use_backend
 from .deform import deformable_sequence
+from .merge import merge_branches
 from .scan import selective_scan_fn
 
-__all__ = ["adaptive_sample", "deformable_sequence", "selective_scan_fn", "Backend", "BackendUnavailable",
-           "get_backend", "set_backend", "use_backend"]
+__all__ = ["adaptive_sample", "deformable_sequence", "merge_branches", "selective_scan_fn", "Backend",
+           "BackendUnavailable", "get_backend", "set_backend", "use_backend"]

@@ -1,11 +1,12 @@
 """The one backend switch of every operation that has several implementations.
 
-Two switches, each read from a Python-level override (`set_backend` / `use_backend`) or, when none is set,
+Three switches, each read from a Python-level override (`set_backend` / `use_backend`) or, when none is set,
 from an environment variable:
 
     scan      DEFMAMBA_SCAN_BACKEND     the selective scan (ops/scan)
     deform    DEFMAMBA_DEFORM_BACKEND   the deformable sequence (ops/deform) and DAMamba's adaptive sampling
                                         (ops/adaptive): the bilinear sampling ops
+    merge     DEFMAMBA_MERGE_BACKEND    the DSSM's branch merge after the scan (ops/merge)
 
 with the values
 
@@ -49,7 +50,8 @@ class BackendUnavailable(RuntimeError):
 
 
 # switch -> environment variable that selects its backend
-SWITCHES: Dict[str, str] = {"scan": "DEFMAMBA_SCAN_BACKEND", "deform": "DEFMAMBA_DEFORM_BACKEND"}
+SWITCHES: Dict[str, str] = {"scan": "DEFMAMBA_SCAN_BACKEND", "deform": "DEFMAMBA_DEFORM_BACKEND",
+                            "merge": "DEFMAMBA_MERGE_BACKEND"}
 
 _overrides: Dict[str, Optional[Backend]] = {switch: None for switch in SWITCHES}
 
@@ -84,7 +86,7 @@ def _parse(value: Union[str, Backend], source: str) -> Backend:
 
 
 def get_backend(switch: str) -> Backend:
-    """The backend requested on `switch` ("scan" or "deform"): the Python override, else the environment."""
+    """The backend requested on `switch` (a key of SWITCHES): the Python override, else the environment."""
     _check_switch(switch)
     override = _overrides[switch]
     if override is not None:

@@ -11,6 +11,10 @@ Layout (Mamba / VMamba convention, one B/C group per scan branch):
     h_t  = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t,   h_{-1} = 0
     y_t  = <C_t, h_t> + D_skip * u_t         returned in fp32 (fp64 for fp64 inputs)
 
+The B/C groups listed in `reversed_groups` scan backward in time instead (t = L-1 down to 0, h_L = 0,
+direction.py), their inputs and outputs staying in step order: the DSSM's backward branch on the raster
+sequence itself, with no reversed copy (read in place by the Triton kernels).
+
 Backends (switch "scan" of models.ops.backends: DEFMAMBA_SCAN_BACKEND, or set_backend / use_backend), one
 file each in this package:
 
@@ -25,16 +29,18 @@ scan without graph breaks; a compiled model keeps the backend it was traced with
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 from torch import Tensor
 
 from ..backends import Backend, register_operation, resolve, triton_check
 from .cuda import cuda_extension_available, cuda_unavailable
+from .direction import check_reversed_groups
 from .op import selective_scan_op
 from .reference import selective_scan_reference
 
-__all__ = ["selective_scan_fn", "selective_scan_reference", "resolve_scan_backend", "cuda_extension_available"]
+__all__ = ["selective_scan_fn", "selective_scan_reference", "resolve_scan_backend", "reverses_in_place",
+           "cuda_extension_available"]
 
 SCAN = "selective scan"
 # auto's order of preference on CUDA tensors
@@ -65,10 +71,19 @@ def resolve_scan_backend(device_type: str) -> Backend:
     return resolve(SCAN, device_type)
 
 
+def reverses_in_place(device_type: str) -> bool:
+    """Whether the scan on `device_type` tensors reads reversed groups in place (Triton); the other backends
+    flip copies of their inputs and outputs, so a caller with a reversed copy of its own at hand may pass that."""
+    return resolve(SCAN, device_type) is Backend.TRITON
+
+
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = True) -> Tensor:
-    """Selective scan y = S6(u; delta, A, B, C, D) in fp32; see the module docstring for shapes and backends."""
+                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
+                      reversed_groups: Sequence[int] = ()) -> Tensor:
+    """Selective scan y = S6(u; delta, A, B, C, D) in fp32; see the module docstring for shapes, directions
+    and backends."""
     _check_shapes(u, delta, A, B, C, D, delta_bias)
-    y, _ = selective_scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus,
+    check_reversed_groups(reversed_groups, B.shape[1])
+    y, _ = selective_scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus, [int(g) for g in reversed_groups],
                              resolve(SCAN, u.device.type).value)
     return y

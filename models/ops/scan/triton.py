@@ -4,13 +4,15 @@ Tiling, launch and the second (deterministic) reduction pass of the partial grad
 (work split, chunked recompute, memory, determinism) is described with the kernels. Triton compiles them at
 their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for tests).
 
-`plan_forward` / `plan_backward` build a launch without running it, so the launch configurations the models
-use can be compiled ahead of time and inspected on a machine without a GPU (benchmarks/kernel_analysis.py).
+Groups in `reversed_groups` are scanned backward in time, read and written in place (one more launch, with
+the kernels' REVERSE variant; see the kernels). `plan_forward` / `plan_backward` build a launch without running
+it, so the launch configurations the models use can be compiled ahead of time and inspected on a machine
+without a GPU (benchmarks/kernel_analysis.py).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -89,45 +91,77 @@ def row_alignment(*rows: Tensor) -> int:
     return math.gcd(value, 8) if value else 8
 
 
+def _directions(groups: int, reversed_groups: Sequence[int]) -> List[Tuple[Optional[Sequence[int]], bool]]:
+    """(groups, reverse) of each launch: one over all groups when none is reversed, else one per direction."""
+    backward = sorted(set(reversed_groups))
+    if not backward:
+        return [(None, False)]
+    forward = [g for g in range(groups) if g not in backward]
+    return ([(forward, False)] if forward else []) + [(backward, True)]
+
+
+def _group_selection(groups: int, chosen: Optional[Sequence[int]]) -> Tuple[int, int]:
+    """(NG, group_mask) of the kernels: the number of groups a launch scans and their bit mask."""
+    if chosen is None or len(chosen) == groups:
+        return groups, 0
+    if max(chosen) >= 62:
+        raise ValueError(f"a launch over a subset of groups needs group indices < 62, got {max(chosen)}")
+    return len(chosen), sum(1 << g for g in chosen)
+
+
 def _common(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-            delta_bias: Optional[Tensor], delta_softplus: bool, *more_rows: Tensor):
+            delta_bias: Optional[Tensor], delta_softplus: bool, groups_of_launch: Optional[Sequence[int]],
+            reverse: bool, *more_rows: Tensor):
     u, delta, B, C = (_steps_contiguous(x) for x in (u, delta, B, C))
     batch, dim, length = u.shape
     groups, nstate = B.shape[1], A.shape[1]
+    launch_groups, group_mask = _group_selection(groups, groups_of_launch)
     tiles = tiling(dim // groups, nstate, length)
     nchunk = triton.cdiv(length, tiles.chunk)
     torch_acc, tl_acc = _accumulation(u)
     meta = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=tl_acc,
                 BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n, CHUNK=tiles.chunk,
-                ALIGN=row_alignment(u, delta, *more_rows), num_warps=tiles.num_warps)
+                ALIGN=row_alignment(u, delta, *more_rows), REVERSE=reverse, num_warps=tiles.num_warps)
     nblock = triton.cdiv(dim // groups, tiles.block_d)
     sizes = (length, groups, dim // groups, nstate, nchunk)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0),
                *B.stride()[:3], *C.stride()[:3])
-    return (u, delta, B, C), (batch * groups, nblock), sizes, strides, meta, torch_acc
+    return (u, delta, B, C), (batch * launch_groups, nblock), sizes, (launch_groups, group_mask), strides, meta, \
+        torch_acc
 
 
 def plan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Launch, Tensor, Tensor]:
-    """The forward launch and its outputs y (batch, D, L) in the accumulation dtype and the chunk states."""
-    (u, delta, B, C), grid, sizes, strides, meta, torch_acc = _common(u, delta, A, B, C, D, delta_bias,
-                                                                      delta_softplus)
-    y = torch.empty(u.shape, device=u.device, dtype=torch_acc)
-    states = torch.empty(state_shape(*u.shape[:2], u.shape[2], A.shape[1]), device=u.device, dtype=torch_acc)
-    args = (u, delta, A, B, C, D, delta_bias, y, states, *sizes, *strides)
+                 delta_bias: Optional[Tensor], delta_softplus: bool, groups: Optional[Sequence[int]] = None,
+                 reverse: bool = False, out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Launch, Tensor, Tensor]:
+    """The forward launch over `groups` (None: all) in one direction, and its outputs y (batch, D, L) in the
+    accumulation dtype and the chunk states (allocated, or `out` = (y, states) of another direction's launch)."""
+    (u, delta, B, C), grid, sizes, selection, strides, meta, torch_acc = _common(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse)
+    y, states = out if out is not None else (
+        torch.empty(u.shape, device=u.device, dtype=torch_acc),
+        torch.empty(state_shape(*u.shape[:2], u.shape[2], A.shape[1]), device=u.device, dtype=torch_acc))
+    args = (u, delta, A, B, C, D, delta_bias, y, states, *sizes, *selection, *strides)
     return Launch(kernels.scan_fwd_kernel, grid, args, meta), y, states
 
 
 def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor
-                  ) -> Tuple[Launch, Tuple[Tensor, ...]]:
-    """The backward launch and the buffers it fills: du, ddelta, and the partials of dA, dB, dC, dD, dbias."""
+                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor,
+                  groups: Optional[Sequence[int]] = None, reverse: bool = False,
+                  out: Optional[Tuple[Tensor, ...]] = None) -> Tuple[Launch, Tuple[Tensor, ...]]:
+    """The backward launch over `groups` (None: all) in one direction and the buffers it fills (allocated, or
+    `out`, those of another direction's launch): du, ddelta, and the partials of dA, dB, dC, dD, dbias."""
     dy = _steps_contiguous(dy)
-    (u, delta, B, C), grid, sizes, strides, meta, torch_acc = _common(u, delta, A, B, C, D, delta_bias,
-                                                                      delta_softplus, dy)
+    (u, delta, B, C), grid, sizes, selection, strides, meta, torch_acc = _common(
+        u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse, dy)
     batch, dim, length = u.shape
     groups, nblock = B.shape[1], grid[1]
     dev = u.device
+    length_, groups_, per_group, nstate, nchunk = sizes
+    args = lambda *buffers: (u, delta, A, B, C, D, delta_bias, dy, states, *buffers,  # noqa: E731
+                             length_, groups_, per_group, nstate, nchunk, nblock, *selection, *strides,
+                             dy.stride(0), dy.stride(1))
+    if out is not None:
+        return Launch(kernels.scan_bwd_kernel, grid, args(*out), meta), out
     du = torch.empty(u.shape, device=dev, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
     dA = torch.empty(batch, dim, A.shape[1], device=dev, dtype=torch_acc)
@@ -137,28 +171,32 @@ def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     dC = torch.empty(batch, groups, parts[0], A.shape[1], length, device=dev, dtype=parts[2])
     dD = torch.empty(batch, dim, device=dev, dtype=torch_acc)
     dbias = torch.empty_like(dD)
-    length_, groups_, per_group, nstate, nchunk = sizes
-    args = (u, delta, A, B, C, D, delta_bias, dy, states, du, ddelta, dA, dB, dC, dD, dbias,
-            length_, groups_, per_group, nstate, nchunk, nblock, *strides, dy.stride(0), dy.stride(1))
-    return Launch(kernels.scan_bwd_kernel, grid, args, meta), (du, ddelta, dA, dB, dC, dD, dbias)
+    buffers = (du, ddelta, dA, dB, dC, dD, dbias)
+    return Launch(kernels.scan_bwd_kernel, grid, args(*buffers), meta), buffers
 
 
 def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 delta_bias: Optional[Tensor], delta_softplus: bool) -> Tuple[Tensor, Tensor]:
+                 delta_bias: Optional[Tensor], delta_softplus: bool, reversed_groups: Sequence[int] = ()
+                 ) -> Tuple[Tensor, Tensor]:
     """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`."""
-    launch, y, states = plan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus)
-    launch.launch()
-    return y, states
+    out = None
+    for groups, reverse in _directions(B.shape[1], reversed_groups):
+        launch, y, states = plan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse, out)
+        launch.launch()
+        out = y, states
+    return out
 
 
 def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor
-                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor,
+                  reversed_groups: Sequence[int] = ()) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (dD, ddelta_bias in
     the accumulation dtype when D, delta_bias are None)."""
-    launch, (du, ddelta, dA, dB, dC, dD, dbias) = plan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus,
-                                                                 dy, states)
-    launch.launch()
+    out = None
+    for groups, reverse in _directions(B.shape[1], reversed_groups):
+        launch, out = plan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, dy, states, groups, reverse, out)
+        launch.launch()
+    du, ddelta, dA, dB, dC, dD, dbias = out
     acc = dA.dtype
     # second pass: add the per-block / per-batch partials in a fixed order (deterministic)
     dB = dB.sum(2).to(B.dtype) if dB.shape[2] > 1 else dB.squeeze(2)
