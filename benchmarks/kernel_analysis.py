@@ -80,18 +80,51 @@ def scan_inputs(shape: StageShape, batch: int, dtype: torch.dtype, device="meta"
         e(g * p, dt=f32)
 
 
+# the B/C groups a model's scan runs backward in time, in place (DefMamba's backward branch: dssm.py)
+REVERSED_GROUPS = {"defmamba": (1,)}
+
+
 def model_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch.bfloat16, torch.float32)
                    ) -> Iterator[Tuple[StageShape, torch.dtype, str, object]]:
-    """(stage, dtype, 'forward' | 'backward', Launch) for every stage of every model, built but not run."""
+    """(stage, dtype, 'forward' | 'backward', Launch) for every scan launch at every stage of every model, built
+    but not run: one per direction where the model scans some groups from the end."""
     from models.ops.scan import triton as host
     for model in models:
+        reversed_groups = REVERSED_GROUPS.get(model.split("_")[0], ())
         for shape in stage_shapes(model):
             for dtype in dtypes:
                 args = scan_inputs(shape, batch, dtype)
-                fwd, y, states = host.plan_forward(*args, True)
-                yield shape, dtype, "forward", fwd
-                bwd, _ = host.plan_backward(*args, True, torch.empty_like(y), states)
-                yield shape, dtype, "backward", bwd
+                out = None
+                for groups, reverse in host._directions(shape.branches, reversed_groups):
+                    fwd, y, states = host.plan_forward(*args, True, groups, reverse, out)
+                    out = y, states
+                    yield shape, dtype, "forward", fwd
+                buffers = None
+                for groups, reverse in host._directions(shape.branches, reversed_groups):
+                    bwd, buffers = host.plan_backward(*args, True, torch.empty_like(y), states, groups, reverse,
+                                                      buffers)
+                    yield shape, dtype, "backward", bwd
+
+
+def merge_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch.bfloat16, torch.float32)
+                   ) -> Iterator[Tuple[StageShape, torch.dtype, str, object]]:
+    """(stage, dtype, kernel name, Launch) of the DSSM's fused branch merge (DefMamba): the scan's fp32 outputs
+    (B, K, D, L), int64 inverse orders, the gate z as the in_proj output's second half in the AMP dtype, the
+    output and the saved mean in fp32 (training)."""
+    from models.ops.merge import triton as merge
+    for model in models:
+        if not model.startswith("defmamba"):
+            continue
+        for shape in stage_shapes(model):
+            k, d, length = shape.branches, shape.channels, shape.length
+            for dtype in dtypes:
+                e = lambda *s, dt=torch.float32: torch.empty(*s, device="meta", dtype=dt)  # noqa: E731
+                ys, inverse = e(batch, k, d, length), e(batch, k, length, dt=torch.long)
+                gate = e(batch, length, 2 * d, dt=dtype)[..., d:]
+                fwd, out = merge.plan_forward(ys, inverse, gate, torch.float32, e(batch, length, d))
+                yield shape, dtype, fwd.kernel.__name__, fwd
+                bwd, _ = merge.plan_backward(torch.empty_like(out), inverse, gate, e(batch, length, d))
+                yield shape, dtype, bwd.kernel.__name__, bwd
 
 
 def sampling_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch.bfloat16, torch.float32)
@@ -286,16 +319,17 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 
 def distinct_launches(models=MODELS, one_dtype_per_variant: bool = False) -> List[Tuple[List[str], object]]:
-    """([labels], launch) for every distinct compiled kernel the models launch at batch 128, 224 px (scan and
-    sampling kernels); the labels name every (kernel, model, stage, dtype) that compiles to it.
+    """([labels], launch) for every distinct compiled kernel the models launch at batch 128, 224 px (scan, sampling
+    and merge kernels); the labels name every (kernel, model, stage, dtype) that compiles to it.
 
     one_dtype_per_variant: one launch per variant instead of one per dtype too, the dtypes taken in turn (fp16,
-    bf16, fp32, ...) so that each is compiled: the CI subset. A scan variant is (kernel, N == 1, ALIGN); a
-    sampling kernel (and each of the deformable backward's two launches) is one variant."""
+    bf16, fp32, ...) so that each is compiled: the CI subset. A scan variant is (kernel and direction, N == 1,
+    ALIGN); a sampling or merge kernel (and each of the deformable backward's two launches) is one variant."""
     chosen: Dict[str, Tuple[List[str], object]] = {}
     variants: Dict[Tuple, Dict[str, Tuple[List[str], object]]] = {}
-    scans = ((shape, dtype, launch.kernel.__name__, launch) for shape, dtype, _, launch in model_launches(models))
-    for shape, dtype, name, launch in itertools.chain(scans, sampling_launches(models)):
+    scans = ((shape, dtype, launch.kernel.__name__ + ("(reversed)" if launch.meta.get("REVERSE") else ""), launch)
+             for shape, dtype, _, launch in model_launches(models))
+    for shape, dtype, name, launch in itertools.chain(scans, sampling_launches(models), merge_launches(models)):
         label = f"{name} {shape.model} stage {shape.stage} {DTYPE_NAMES[dtype]}"
         chosen.setdefault(compile_key(launch), ([], launch))[0].append(label)
         variant = (name, launch.meta["BLOCK_N"] == 1, launch.meta["ALIGN"]) if "ALIGN" in launch.meta else (name,)
@@ -317,7 +351,8 @@ def _compile_row(index: int) -> dict:
                 shared_bytes=r.shared_bytes, num_warps=r.num_warps,
                 warps_per_sm=warps_by_registers(r.registers, r.num_warps),
                 shared_limit=SM_LIMITS[capability]["shared"],
-                **{k: v for k, v in launch.meta.items() if k in ("BLOCK_C", "BLOCK_D", "BLOCK_N", "CHUNK", "ALIGN")})
+                **{k: v for k, v in launch.meta.items()
+                   if k in ("BLOCK_C", "BLOCK_D", "BLOCK_L", "BLOCK_N", "CHUNK", "ALIGN", "REVERSE")})
 
 
 def resource_rows(launches: List[Tuple[List[str], object]], capabilities=(80, 90), workers: int = 2

@@ -1,6 +1,7 @@
 """Resources, simulated traffic and the roofline bound of the Triton scan kernels at every DefMamba-T/S (and
 DAMamba-T) stage shape, as a markdown table, and the resources of the bilinear-sampling kernels (deformable
-sequence, adaptive sampling) as a second: everything derived on a CPU, nothing timed on a GPU.
+sequence, adaptive sampling) and the DSSM's branch merge as a second: everything derived on a CPU, nothing timed
+on a GPU.
 
     python benchmarks/kernel_report.py [--models defmamba_tiny,defmamba_small,damamba_tiny] [--out FILE]
                                        [--sampling-only]   (the second table alone: under a minute)
@@ -75,7 +76,7 @@ def roofline(shape: ka.StageShape, kind: str, ratio: float, bandwidth: float):
 
 
 def sampling_table(rows: list) -> str:
-    """One line per (sampling kernel, model): the worst registers over its stages and dtypes, per target."""
+    """One line per (sampling or merge kernel, model): the worst registers over its stages and dtypes, per target."""
     worst: dict = {}
     for r in rows:
         for label in r["labels"]:
@@ -85,12 +86,13 @@ def sampling_table(rows: list) -> str:
             best = worst.setdefault((model, kernel), {})
             if r["target"] not in best or r["registers"] > best[r["target"]]["registers"]:
                 best[r["target"]] = r
-    lines = ["| model | kernel | tile (BLOCK_C x BLOCK_N), warps | regs sm_80 / sm_90 (most, any stage and dtype) | "
-             "spills | shared | warps/SM (occupancy) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | kernel | tile (BLOCK_C x BLOCK_N, merge: BLOCK_D x BLOCK_L), warps | regs sm_80 / sm_90 "
+             "(most, any stage and dtype) | spills | shared | warps/SM (occupancy) |", "|---|---|---|---|---|---|---|"]
     for (model, kernel), by_target in worst.items():
         r80, r90 = by_target["sm_80"], by_target["sm_90"]
         warps = min(r80["warps_per_sm"], r90["warps_per_sm"])
-        lines.append(f"| {model} | {kernel} | {r90['BLOCK_C']} x {r90['BLOCK_N']}, {r90['num_warps']} | "
+        tile = (r90["BLOCK_C"], r90["BLOCK_N"]) if "BLOCK_C" in r90 else (r90["BLOCK_D"], r90["BLOCK_L"])
+        lines.append(f"| {model} | {kernel} | {tile[0]} x {tile[1]}, {r90['num_warps']} | "
                      f"{r80['registers']} / {r90['registers']} | {max(r80['local_bytes'], r90['local_bytes'])} | "
                      f"{max(r80['shared_bytes'], r90['shared_bytes'])} | {warps} ({warps / 64:.0%}) |")
     return "\n".join(lines)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="defmamba_tiny,defmamba_small,damamba_tiny")
     parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--sampling-only", action="store_true", help="only the sampling kernels' table")
+    parser.add_argument("--sampling-only", action="store_true", help="only the sampling and merge kernels' table")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     table = sampling_table(resources(models, True)) if args.sampling_only else report(models)

@@ -1,14 +1,15 @@
-"""The Triton kernels (selective scan, deformable sequence, adaptive sampling) compile ahead of time for sm_80 and
-sm_90 at the launch configurations the models use, without spills, within the SM's shared memory, and at >= 25 %
-register-limited occupancy (>= 16 of 64 warps per SM; the allocation rule is in benchmarks/kernel_analysis.py).
+"""The Triton kernels (selective scan, deformable sequence, adaptive sampling, branch merge) compile ahead of time
+for sm_80 and sm_90 at the launch configurations the models use, without spills, within the SM's shared memory,
+and at >= 25 % register-limited occupancy (>= 16 of 64 warps per SM; the allocation rule is in
+benchmarks/kernel_analysis.py).
 No GPU is needed: Triton compiles for a GPUTarget on the CPU and the cuobjdump of its wheel reads the cubin's
 resource usage.
 
 The launches are built by the real host code from the stage shapes of DefMamba-T/S and DAMamba-T (batch 128,
-224 px). Compiling every distinct launch (66 kernels x 2 targets) takes minutes, so CI compiles one launch per
-variant, 17 in all, the input dtypes fp16 / bf16 / fp32 taken in turn: for the scan one per (kernel, one state
-or many, row alignment), and one per sampling kernel (the deformable backward's launches for x and for the
-offset-bias table counted apart); the variants differ in layout and code, the dtypes only in the load
+224 px). Compiling every distinct launch (96 kernels x 2 targets) takes minutes, so CI compiles one launch per
+variant, 25 in all, the input dtypes fp16 / bf16 / fp32 taken in turn: for the scan one per (kernel and direction,
+one state or many, row alignment), and one per sampling or merge kernel (the deformable backward's launches for x
+and for the offset-bias table counted apart); the variants differ in layout and code, the dtypes only in the load
 conversions.
 `benchmarks/kernel_report.py` compiles all of them. The compile runs in a subprocess because the test process
 has imported Triton in interpreter mode.
@@ -37,14 +38,16 @@ def rows():
 def test_every_variant_compiles_for_both_targets(rows):
     labels = {row["label"] for row in rows}
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * len(labels) == 34
+    assert len(rows) == 2 * len(labels) == 50
     assert {label.split()[0] for label in labels} == {
-        "scan_fwd_kernel", "scan_bwd_kernel", "deformable_sequence_fwd_kernel", "deformable_sample_bwd_kernel(x)",
-        "deformable_sample_bwd_kernel(table)", "adaptive_sample_fwd_kernel", "adaptive_sample_bwd_kernel"}
+        "scan_fwd_kernel", "scan_bwd_kernel", "scan_fwd_kernel(reversed)", "scan_bwd_kernel(reversed)",
+        "deformable_sequence_fwd_kernel", "deformable_sample_bwd_kernel(x)", "deformable_sample_bwd_kernel(table)",
+        "adaptive_sample_fwd_kernel", "adaptive_sample_bwd_kernel", "merge_fwd_kernel", "merge_bwd_kernel"}
     assert {label.split()[-1] for label in labels} == {"fp16", "bf16", "fp32"}
     assert {label.split()[1] for label in labels} == {"defmamba_tiny", "damamba_tiny"}  # S shares T's variants
     scans = [row for row in rows if row["label"].startswith("scan_")]
-    assert len(scans) == 24
+    assert len(scans) == 36  # DefMamba scans its backward branch in place: a launch per direction
+    assert {row["REVERSE"] for row in scans} == {False, True}
     assert {(row["BLOCK_N"], row["ALIGN"]) for row in scans} == {(16, 8), (16, 4), (16, 1), (1, 8), (1, 4), (1, 1)}
 
 

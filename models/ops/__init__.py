@@ -11,8 +11,9 @@
     cuda.py       the compiled CUDA extension (kernels/selective_scan/)
     op.py         the torch.library custom op (fake implementation + autograd) every backend runs inside
 
-backends.py chooses the backend of every operation; precision.py fixes the accumulation dtype. Dependencies run
-one way: model families -> ops -> kernels.
+backends.py chooses the backend of every operation; precision.py fixes the accumulation dtype; launch.py is the
+kernel-launch record the Triton hosts build (benchmarks/kernel_analysis.py compiles them ahead of time).
+Dependencies run one way: model families -> ops -> kernels.
 """
 from .adaptive import adaptive_sample
 from .backends import Backend, BackendUnavailable, get_backend, set_backend, use_backend

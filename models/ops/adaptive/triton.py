@@ -11,8 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..launch import Launch
 from ..precision import common_accumulation_dtype
-from ..scan.triton import Launch
 
 __all__ = ["adaptive_forward", "adaptive_backward", "plan_forward", "plan_backward"]
 

@@ -19,8 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..launch import Launch
 from ..precision import common_accumulation_dtype
-from ..scan.triton import Launch
 from .offset_bias import resize_table, resize_table_backward
 
 __all__ = ["deformable_sequence_forward", "deformable_sequence_backward", "plan_forward", "plan_backward"]

@@ -6,7 +6,7 @@ launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for te
 """
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -15,6 +15,7 @@ from torch import Tensor
 
 from kernels.triton import merge as kernels
 
+from ..launch import Launch
 from ..precision import common_accumulation_dtype
 
 __all__ = ["merge_forward", "merge_backward", "plan_forward", "plan_backward"]
@@ -23,17 +24,6 @@ TILE = 2048        # (channels x tokens) values per program: 8 per thread and ar
 MAX_BLOCK_D = 32   # channels per program (with 64 tokens)
 MIN_BLOCK_D = 16
 NUM_WARPS = 8      # <= 64 registers, no spills, 32 warps per SM (sm_80 / sm_90, compiled ahead of time)
-
-
-class Launch(NamedTuple):
-    """One kernel launch, built but not run: `launch()` runs it."""
-    kernel: Any
-    grid: Tuple[int, int, int]
-    args: Tuple[Any, ...]
-    meta: Dict[str, Any]
-
-    def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
 
 
 def _layout(batch: int, dim: int, length: int, inverse: Tensor, gate: Optional[Tensor], *acc_of: Optional[Tensor]):

@@ -12,7 +12,7 @@ without a GPU (benchmarks/kernel_analysis.py).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch import Tensor
 
 from kernels.triton import selective_scan as kernels
 
+from ..launch import Launch
 from ..backends import triton_interpreting
 
 __all__ = ["scan_forward", "scan_backward", "plan_forward", "plan_backward", "state_shape", "tiling", "Tiling"]
@@ -60,17 +61,6 @@ def state_shape(batch: int, dim: int, length: int, nstate: int) -> Tuple[int, in
     """Shape of the `states` tensor that `scan_forward` returns and `scan_backward` takes: the state at the
     start of every chunk but the first (which is zero)."""
     return batch, dim, triton.cdiv(length, tiling(1, nstate, length).chunk) - 1, nstate
-
-
-class Launch(NamedTuple):
-    """One kernel launch, built but not run: `launch()` runs it."""
-    kernel: Any
-    grid: Tuple[int, int]
-    args: Tuple[Any, ...]
-    meta: Dict[str, Any]
-
-    def launch(self) -> None:
-        self.kernel[self.grid](*self.args, **self.meta)
 
 
 def _accumulation(u: Tensor):
