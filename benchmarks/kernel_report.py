@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import kernel_analysis as ka  # noqa: E402
+import kernel_launches as kl  # noqa: E402
 
 GPUS = {"H100": 3.35e12, "H200": 4.8e12}      # spec HBM bandwidth, bytes/s (SXM)
 MUFU_PER_S = 16 * 132 * 1.98e9                # special-function ops/s, both GPUs
@@ -53,7 +54,7 @@ def resources(models, sampling_only: bool = False) -> list:
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
-def traffic(shape: ka.StageShape) -> dict:
+def traffic(shape: kl.StageShape) -> dict:
     from models.ops.scan.triton import tiling
     length = min(shape.length, 256)
     t = ka.scan_traffic(1, 1, shape.channels, shape.nstate, length)
@@ -63,7 +64,7 @@ def traffic(shape: ka.StageShape) -> dict:
     return {"forward": fwd.ratio, "backward": (32 * bwd.sectors + extra) / bwd.essential_bytes}
 
 
-def roofline(shape: ka.StageShape, kind: str, ratio: float, bandwidth: float):
+def roofline(shape: kl.StageShape, kind: str, ratio: float, bandwidth: float):
     d, length, n = shape.branches * shape.channels, shape.length, shape.nstate
     rows = BATCH * d * length
     bc = BATCH * shape.branches * n * length * 2 * 2              # B and C (fp16)
@@ -108,7 +109,7 @@ def report(models) -> str:
              "shared | warps/SM (occupancy) | traffic | H100 bound | H200 bound |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in models:
-        for shape in ka.stage_shapes(model):
+        for shape in kl.stage_shapes(model):
             ratios = traffic(shape)
             for kind, kernel in kinds.items():
                 label = f"{kernel} {model} stage {shape.stage} fp16"
