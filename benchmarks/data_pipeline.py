@@ -46,7 +46,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from config import get_default_config, load_yaml_config  # noqa: E402
-from data import CheckedImageFolder, build_transform  # noqa: E402
+from data import CheckedImageFolder, build_transform, set_epoch  # noqa: E402
 from data.dali_loader import DaliLoader  # noqa: E402
 
 # train img/s per GPU: the project's DefMamba-T target per H100 (issue #8) and the official release
@@ -142,7 +142,7 @@ class _Repeated:
 def _time_dali(loader: DaliLoader, skip: int = 3) -> Dict[str, float]:
     """img/s of a DaliLoader on the CPU (its `workers` threads run in this process) after its first `skip`
     batches (pipeline start-up and prefetching): per second of wall time and per CPU-second of this process."""
-    loader.set_epoch(0, seed=0, rank=0)
+    set_epoch(loader, 0, seed=0, rank=0)
     batches = iter(loader)
     for _ in range(skip):
         next(batches)

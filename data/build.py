@@ -102,14 +102,14 @@ def set_epoch(loader: Union[DataLoader, DaliLoader], epoch: int, seed: int, rank
 
     The sampler shuffles by seed + epoch; the workers' torch/random/NumPy seeds come from the loader's
     generator, replaced here by one seeded from (seed, rank, epoch). Without workers the augmentation draws
-    from the process's generators, which checkpoints save and restore. A DaliLoader seeds its pipeline alike.
+    from the process's generators, which checkpoints save and restore. A DaliLoader's pipeline gets the same seed.
     """
+    stream = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
     if isinstance(loader, DaliLoader):
-        loader.set_epoch(epoch, seed, rank)
+        loader.set_epoch(epoch, stream)
         return
     loader.sampler.set_epoch(epoch)
-    stream = np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]
-    loader.generator = torch.Generator().manual_seed(int(stream))
+    loader.generator = torch.Generator().manual_seed(stream)
 
 
 def build_loaders(config: CfgNode, root: Path, rank: int, world_size: int, need_train: bool,

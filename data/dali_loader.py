@@ -17,9 +17,8 @@ how many epochs this process ran before.
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
@@ -27,6 +26,9 @@ from torch.utils.data import DistributedSampler
 from yacs.config import CfgNode
 
 from .transforms import VAL_CROP_RATIO
+
+if TYPE_CHECKING:  # dali_augment imports DALI, which this module imports only when a pipeline is built
+    from .dali_augment import RandAugmentPolicy
 
 __all__ = ["DALI_INSTALL_HINT", "DaliLoader", "dali_available"]
 
@@ -48,12 +50,13 @@ def _interp(name: str):
 
 
 def _pipeline(files: List[str], labels: List[int], config: CfgNode, is_train: bool, batch: int,
-              device_id: Optional[int], seed: int):
-    """The DALI pipeline of one pass over `files` (in that order), built and ready to run."""
+              device_id: Optional[int], seed: int, policy: Optional[RandAugmentPolicy]):
+    """The DALI pipeline of one pass over `files` (in that order), built and ready to run; `policy`: the train
+    split's RandAugment, or None."""
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali import math as dmath
 
-    from .dali_augment import parse_rand_augment, rand_augment
+    from .dali_augment import rand_augment
 
     size, aug = config.DATA.IMG_SIZE, config.AUG
     decoder = "cpu" if device_id is None else "mixed"
@@ -69,8 +72,8 @@ def _pipeline(files: List[str], labels: List[int], config: CfgNode, is_train: bo
                                                    random_area=list(aug.SCALE), random_aspect_ratio=[3 / 4, 4 / 3],
                                                    num_attempts=10)
             images = fn.resize(images, size=[size, size], interp_type=interp)
-            if aug.AUTO_AUGMENT:
-                images = rand_augment(images, parse_rand_augment(aug.AUTO_AUGMENT), (size, size))
+            if policy is not None:
+                images = rand_augment(images, policy, (size, size))
             elif aug.COLOR_JITTER > 0:  # timm's ColorJitter(b, c, s) with one strength (it drops it under RandAugment)
                 jitter = [max(0.0, 1 - aug.COLOR_JITTER), 1 + aug.COLOR_JITTER]
                 images = fn.color_twist(images, brightness=fn.random.uniform(range=jitter),
@@ -121,26 +124,28 @@ class DaliLoader:
         self.erasing = RandomErasing(aug.REPROB, mode=aug.REMODE, max_count=aug.RECOUNT, device=str(device)) \
             if is_train and aug.REPROB > 0 else None
         self._val_batches = self._train_batches = None
-        if is_train and aug.AUTO_AUGMENT:  # unsupported policies fail here, before anything runs
+        self.policy = None
+        if is_train and aug.AUTO_AUGMENT:  # parsed once; unsupported policies fail here, before anything runs
             from .dali_augment import parse_rand_augment
-            parse_rand_augment(aug.AUTO_AUGMENT)
+            self.policy = parse_rand_augment(aug.AUTO_AUGMENT)
 
     def __len__(self) -> int:
         count = len(self.sampler)
         return count // self.batch_size if self.is_train else math.ceil(count / self.batch_size)
 
-    def set_epoch(self, epoch: int, seed: int, rank: int) -> None:
-        """Shuffle as the default loader does for `epoch`, seed DALI's augmentation from (seed, rank, epoch) and
-        build the epoch's pipeline."""
+    def set_epoch(self, epoch: int, seed: int) -> None:
+        """Shuffle as the default loader does for `epoch`, seed DALI's augmentation with `seed` (data.set_epoch
+        draws it from SEED, rank and epoch) and build the epoch's pipeline."""
         self.sampler.set_epoch(epoch)
-        self.seed = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0]) % 2 ** 31
+        self.seed = seed % 2 ** 31
         self._train_batches = self._batches()  # built now, so that the epoch's first batch does not wait for it
 
     def _build(self):
         indices = list(self.sampler)[:len(self) * self.batch_size]
         files = [self.samples[i][0] for i in indices]
         labels = [self.samples[i][1] for i in indices]
-        return _pipeline(files, labels, self.config, self.is_train, self.batch_size, self.device_id, self.seed)
+        return _pipeline(files, labels, self.config, self.is_train, self.batch_size, self.device_id, self.seed,
+                         self.policy)
 
     def _batches(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
