@@ -168,7 +168,8 @@ def scan_traffic(batch: int, groups: int, channels: int, nstate: int, length: in
     """Run one scan forward and backward in the interpreter on CPU tensors laid out as the mixers pass them
     and count its memory traffic. Essential bytes: every input read once and every output written once
     (forward: u, delta, A, B, C, D, delta_bias -> y; backward: those and dy -> the seven gradients); the
-    saved chunk states count as overhead. `forward` / `backward` default to the Triton host of this repo."""
+    saved chunk states count as overhead. `forward` / `backward` (called with u as a one-piece list) default to
+    the Triton host of this repo."""
     from models.ops.scan import triton as host
     forward, backward = forward or host.scan_forward, backward or host.scan_backward
     gen = torch.Generator().manual_seed(seed)
@@ -176,12 +177,13 @@ def scan_traffic(batch: int, groups: int, channels: int, nstate: int, length: in
     args = [t.normal_(generator=gen) for t in scan_inputs(shape, batch, dtype, device="cpu")]
     args[2] = -args[2].abs()  # A < 0
     result = {}
+    call = ([args[0]], *args[1:])  # u in one piece
     with TrafficCounter() as counter:
-        y, saved = forward(*args, True)
+        y, saved = forward(*call, True)
     (fwd_name, fwd_stats), = counter.stats.items()
     dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
     with TrafficCounter() as bwd_counter:
-        grads = backward(*args, True, dy, saved)
+        grads = backward(*call, True, dy, saved)
     essential_in = _nbytes(*args)
     for name, stats, essential in ((fwd_name, fwd_stats, essential_in + _nbytes(y)),
                                    *((k, v, essential_in + _nbytes(dy, *grads)) for k, v in bwd_counter.stats.items())):

@@ -1,6 +1,6 @@
 """The launches of the Triton kernels at the models' shapes, built with meta tensors through the same host code
 that runs them and never run: every scan launch of every stage (models/ops/scan/triton.py; B and C views of one
-x projection as in the mixers, one launch per direction where a model scans groups from the end), the
+x projection as in the mixers, u in the mixers' pieces, one launch per piece and direction), the
 bilinear-sampling kernels (models/ops/deform/triton.py, models/ops/adaptive/triton.py) and the DSSM's branch
 merge (models/ops/merge/triton.py). benchmarks/kernel_analysis.py compiles them ahead of time.
 """
@@ -63,25 +63,35 @@ def scan_inputs(shape: StageShape, batch: int, dtype: torch.dtype, device="meta"
 REVERSED_GROUPS = {"defmamba": (1,)}
 
 
+def mixer_pieces(shape: StageShape, u: torch.Tensor) -> List[torch.Tensor]:
+    """u as the mixer passes it to the Triton scan: DefMamba's DSSM gives the raster sequence twice (forward and
+    backward branch) and the deformable sequence, three (batch, D, L) pieces; the others u in one piece."""
+    if not shape.model.startswith("defmamba"):
+        return [u]
+    raster, deformed = (torch.empty(u.shape[0], shape.channels, u.shape[2], device=u.device, dtype=u.dtype)
+                        for _ in range(2))
+    return [raster, raster, deformed]
+
+
 def model_launches(models=MODELS, batch: int = 128, dtypes=(torch.float16, torch.bfloat16, torch.float32)
                    ) -> Iterator[Tuple[StageShape, torch.dtype, str, object]]:
     """(stage, dtype, 'forward' | 'backward', Launch) for every scan launch at every stage of every model, built
-    but not run: one per direction where the model scans some groups from the end."""
+    but not run: one per piece of u and direction (models/ops/scan/triton.py, launch_parts)."""
     from models.ops.scan import triton as host
     for model in models:
         reversed_groups = REVERSED_GROUPS.get(model.split("_")[0], ())
         for shape in stage_shapes(model):
             for dtype in dtypes:
-                args = scan_inputs(shape, batch, dtype)
+                u, *args = scan_inputs(shape, batch, dtype)
+                parts = host.launch_parts(mixer_pieces(shape, u), shape.branches, reversed_groups)
                 out = None
-                for groups, reverse in host._directions(shape.branches, reversed_groups):
-                    fwd, y, states = host.plan_forward(*args, True, groups, reverse, out)
+                for part in parts:
+                    fwd, y, states = host.plan_forward(part, *args, True, out)
                     out = y, states
                     yield shape, dtype, "forward", fwd
                 buffers = None
-                for groups, reverse in host._directions(shape.branches, reversed_groups):
-                    bwd, buffers = host.plan_backward(*args, True, torch.empty_like(y), states, groups, reverse,
-                                                      buffers)
+                for part in parts:
+                    bwd, buffers = host.plan_backward(part, *args, True, torch.empty_like(y), states, buffers)
                     yield shape, dtype, "backward", bwd
 
 

@@ -109,7 +109,7 @@ def meta_gflops(model, img: int) -> float:
         aten.mean: lambda x, *a, out_shape=None, **k: 2 * n(x),
         aten.grid_sampler_2d: lambda *a, out_shape=None, **k: 2 * 4 * n(out_shape),
         aten.upsample_bilinear2d: lambda *a, out_shape=None, **k: 2 * 4 * n(out_shape),
-        torch.ops.defmamba.selective_scan: lambda u, d, A, *a, out_shape=None, **k: 2 * (9 * n(u) * A[1] + n(u)),
+        torch.ops.defmamba.selective_scan: lambda u, d, A, *a, out_shape=None, **k: 2 * (9 * n(d) * A[1] + n(d)),
     }
     with FlopCounterMode(display=False, custom_mapping=custom) as counter, torch.no_grad():
         model.eval()(torch.empty(1, model.in_chans, img, img, device="meta"))

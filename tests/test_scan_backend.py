@@ -124,9 +124,12 @@ def test_custom_op_registration(backend):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     u, delta, A, B, C, D, bias = [t.requires_grad_(True) for t in _inputs(device, length=5)]
     op = torch.ops.defmamba.selective_scan.default
-    torch.library.opcheck(op, (u, delta, A, B, C, D, bias, True, [], backend))
-    torch.library.opcheck(op, (u, delta, A, B, C, None, None, False, [], backend))
-    torch.library.opcheck(op, (u, delta, A, B, C, D, bias, True, [1], backend))  # one group backward in time
+    torch.library.opcheck(op, ([u], delta, A, B, C, D, bias, True, [], backend))
+    torch.library.opcheck(op, ([u], delta, A, B, C, None, None, False, [], backend))
+    torch.library.opcheck(op, ([u], delta, A, B, C, D, bias, True, [1], backend))  # one group backward in time
+    # u in pieces of whole groups, one of them given twice (the DSSM's raster sequence)
+    shared, last = u.detach()[:, :2].clone().requires_grad_(True), u.detach()[:, 4:].clone().requires_grad_(True)
+    torch.library.opcheck(op, ([shared, shared, last], delta, A, B, C, D, bias, True, [1], backend))
 
 
 @needs_triton

@@ -47,7 +47,7 @@ def _shape(value: Any) -> List[int]:
 
 def _scan_handle(convention: ScanFlopConvention) -> Callable[[List[Any], List[Any]], float]:
     def handle(inputs: List[Any], outputs: List[Any]) -> float:
-        batch, dim, length = _shape(inputs[0])
+        batch, dim, length = _shape(inputs[1])  # delta: u may come in pieces (a list)
         nstate = _shape(inputs[2])[1]
         if convention is ScanFlopConvention.RELEASE:
             return 3 * batch * dim * length * nstate + 2.5 * batch * dim * length

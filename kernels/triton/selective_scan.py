@@ -2,7 +2,9 @@
 
 Device code only; the host side (tiling, launch, the partial-sum reduction) is models/ops/scan/triton.py.
 Contract: that of `models.ops.scan.selective_scan_fn` (u, delta (batch, D, L); A (D, N); B, C
-(batch, G, N, L); optional D, delta_bias (D,)), with L contiguous (stride 1) in u, delta, B, C and dy.
+(batch, G, N, L); optional D, delta_bias (D,)), with L contiguous (stride 1) in u, delta, B, C and dy. A launch
+reads u from one piece (u_ptr: channels u_d0 onwards of u, strides su_b, su_d), so u given in pieces is read
+where the pieces are, never concatenated.
 Arithmetic in fp32, or fp64 for fp64 inputs (so the kernels can be checked against float64 references in
 Triton's CPU interpreter, TRITON_INTERPRET=1).
 
@@ -39,8 +41,8 @@ __all__ = ["scan_fwd_kernel", "scan_bwd_kernel"]
 # host passes ALIGN instead, the largest power of two (<= 16 bytes) dividing every (batch, D, L) row start, so
 # that Triton can vectorise the row loads and give each thread ALIGN consecutive steps of the tile: the scan is
 # then mostly sequential in registers and only log2(lanes) shuffle steps deep.
-_RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "NG", "group_mask", "su_b", "su_d", "sdl_b",
-                 "sdl_d", "sA_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
+_RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "NG", "group_mask", "u_d0", "su_b", "su_d",
+                 "sdl_b", "sdl_d", "sA_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
 _UNALIGNED = ["B_ptr", "C_ptr"]  # views of the x projection at any offset
 
 
@@ -97,7 +99,7 @@ def _chunk_start(c, L, CHUNK: tl.constexpr, ALIGN: tl.constexpr, REVERSE: tl.con
 @triton.jit(do_not_specialize=_RUNTIME_INTS, do_not_specialize_on_alignment=_UNALIGNED)
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
-    L, G, per_group, N, nchunk, NG, group_mask,
+    L, G, per_group, N, nchunk, NG, group_mask, u_d0,
     su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
@@ -125,7 +127,7 @@ def scan_fwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = tl.multiple_of(b * su_b + d * su_d, ALIGN)
+    u_row = tl.multiple_of(b * su_b + (d - u_d0) * su_d, ALIGN)  # u_ptr: the piece of u from channel u_d0
     delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
     y_row = tl.multiple_of((b * dim + d) * L, ALIGN)
     B_row = B_ptr + b * sB_b + g * sB_g
@@ -161,7 +163,7 @@ def scan_fwd_kernel(
 def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
-    L, G, per_group, N, nchunk, nblock, NG, group_mask,
+    L, G, per_group, N, nchunk, nblock, NG, group_mask, u_d0,
     su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdy_b, sdy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
@@ -189,7 +191,7 @@ def scan_bwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = tl.multiple_of(b * su_b + d * su_d, ALIGN)
+    u_row = tl.multiple_of(b * su_b + (d - u_d0) * su_d, ALIGN)  # u_ptr: the piece of u from channel u_d0
     delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
     dy_row = tl.multiple_of(b * sdy_b + d * sdy_d, ALIGN)
     out_row = tl.multiple_of((b * dim + d) * L, ALIGN)            # du, ddelta: contiguous (batch, D, L)

@@ -9,12 +9,13 @@
     out  = out_proj(y * SiLU(z))             (no bias, no output norm, as in the release)
 
 The default (FB-BB + DB, K = 3) is the released model; parameter names and shapes follow the release so its
-checkpoints load strictly. On the Triton scan the forward and backward branches both read the raster sequence
-as it is: the backward one is scanned from its end (the scan's `reversed_groups`, read in place), so neither
-is gathered and both come out in raster order; the other scan backends would flip copies for that, so there
-the backward branch is one reversed copy instead, as in the release. A continuous or local order is a permutation of the
-raster tokens (scan_orders.py): one gather. The merge back to raster order, the mean and the gate are one
-fused operation (models/ops/merge) reading each branch output once.
+checkpoints load strictly. The scan takes its input in pieces, one per branch, and the Triton scan reads them
+where they are: the forward and backward branches are both the raster sequence as it is, the backward one
+scanned from its end (the scan's `reversed_groups`), so nothing is copied, gathered or concatenated for them
+and both come out in raster order. The other scan backends concatenate the pieces when they run and would flip
+copies for a reversed group, so there the backward branch is one reversed copy instead, as in the release. A
+continuous or local order is a permutation of the raster tokens (scan_orders.py): one gather. The merge back to
+raster order, the mean and the gate are one fused operation (models/ops/merge) reading each branch output once.
 """
 from __future__ import annotations
 
@@ -123,36 +124,33 @@ class DSSM(nn.Module):
         u, z = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(self.conv2d(u.permute(0, 3, 1, 2)))                     # (B, D, H, W)
 
-        # scan input (B, K, D, L), and where each branch's output for token l is (B, K, L): the raster sequence
-        # for the forward and the backward branch (scanned from its end, or a reversed copy), a gathered
-        # order, the deformable one
+        # scan input: one (B, D, L) piece per branch, never concatenated (the scan reads pieces where they are),
+        # and where each branch's output for token l is (B, K, L): the raster sequence for the forward and the
+        # backward branch (scanned from its end, or a reversed copy), a gathered order, the deformable one
         raster = u.flatten(2)
-        branches: List[Tensor] = []
+        pieces: List[Tensor] = []
         inverses: List[Tensor] = []
         in_place = self.fb_bb and reverses_in_place(u.device.type)
-        if in_place:
-            branches.append(raster[:, None].expand(batch, 2, d, length))
-            inverses.append(torch.arange(length, device=u.device).expand(batch, 2, length))
-        elif self.fb_bb:
-            branches += [raster[:, None], raster.flip(-1)[:, None]]
+        if self.fb_bb:
+            pieces += [raster, raster if in_place else raster.flip(-1)]
             steps = torch.arange(length, device=u.device)
-            inverses.append(torch.stack([steps, reversed_order(height, width, u.device)]).expand(batch, 2, length))
+            backward = steps if in_place else reversed_order(height, width, u.device)
+            inverses.append(torch.stack([steps, backward]).expand(batch, 2, length))
         order = self.third_order(height, width, u.device)
         if order is not None:
-            branches.append(raster.gather(2, order.expand(batch, d, length))[:, None])
+            pieces.append(raster.gather(2, order.expand(batch, d, length)))
             inverses.append(inverse_order(order).expand(batch, 1, length))
         if self.DS is not None:
             deformed, perm = self.DS(u, out_dtype=raster.dtype)  # written in the dtype the scan reads
-            branches.append(deformed[:, None])
+            pieces.append(deformed)
             inverses.append(inverse_order(perm)[:, None])
-        xs = branches[0] if len(branches) == 1 else torch.cat(branches, 1)
 
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # each branch's x projection from its own piece: only the small (B, K, R + 2N, L) result is stacked
+        x_dbl = torch.stack([torch.einsum("bdl,cd->bcl", p, w) for p, w in zip(pieces, self.x_proj_weight)], 1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         ys = selective_scan_fn(
-            xs.reshape(batch, k * d, length), dts.reshape(batch, k * d, length),
-            -torch.exp(self.A_logs.float()), Bs, Cs,
+            pieces, dts.reshape(batch, k * d, length), -torch.exp(self.A_logs.float()), Bs, Cs,
             self.Ds.float(), self.dt_projs_bias.float().flatten(), delta_softplus=True,
             reversed_groups=(1,) if in_place else (),  # the backward branch
         ).view(batch, k, d, length)

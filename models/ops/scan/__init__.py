@@ -15,6 +15,11 @@ The B/C groups listed in `reversed_groups` scan backward in time instead (t = L-
 direction.py), their inputs and outputs staying in step order: the DSSM's backward branch on the raster
 sequence itself, with no reversed copy (read in place by the Triton kernels).
 
+u may also be given in pieces along D, a sequence of (batch, D_i, L) tensors of one dtype, each a whole
+number of groups: the scan is that of their concatenation, which the Triton kernels never build (they read
+each piece where it is). A tensor may be several pieces (the DSSM's forward and backward branches are both
+the raster sequence); its gradient is then the sum of theirs.
+
 Backends (switch "scan" of models.ops.backends: DEFMAMBA_SCAN_BACKEND, or set_backend / use_backend), one
 file each in this package:
 
@@ -29,7 +34,7 @@ scan without graph breaks; a compiled model keeps the backend it was traced with
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -66,6 +71,20 @@ def _check_shapes(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
             raise ValueError(f"{name} must be ({dim},); got {tuple(t.shape)}")
 
 
+def _check_pieces(pieces: List[Tensor], delta: Tensor, groups: int) -> None:
+    """u in pieces: (batch, D_i, L) tensors of one dtype and device, whole groups, D_i adding up to delta's D."""
+    if any(p.dim() != 3 or p.shape[0] != delta.shape[0] or p.shape[2] != delta.shape[2] for p in pieces):
+        raise ValueError(f"u in pieces must be (batch, D_i, L) tensors with delta's batch and L {tuple(delta.shape)}; "
+                         f"got {[tuple(p.shape) for p in pieces]}")
+    widths, per_group = [p.shape[1] for p in pieces], delta.shape[1] // groups
+    if sum(widths) != delta.shape[1] or any(w % per_group for w in widths):
+        raise ValueError(f"the pieces of u must add up to D={delta.shape[1]} in whole B/C groups of {per_group} "
+                         f"channels; got widths {widths}")
+    if len({(p.dtype, p.device) for p in pieces}) > 1:
+        raise ValueError("the pieces of u must share one dtype and device; got "
+                         f"{sorted({f'{p.dtype} on {p.device}' for p in pieces})}")
+
+
 def resolve_scan_backend(device_type: str) -> Backend:
     """The backend that runs a scan on `device_type` tensors now (BackendUnavailable if a forced one cannot)."""
     return resolve(SCAN, device_type)
@@ -77,13 +96,18 @@ def reverses_in_place(device_type: str) -> bool:
     return resolve(SCAN, device_type) is Backend.TRITON
 
 
-def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
-                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
+def selective_scan_fn(u: Union[Tensor, Sequence[Tensor]], delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None, delta_softplus: bool = True,
                       reversed_groups: Sequence[int] = ()) -> Tensor:
-    """Selective scan y = S6(u; delta, A, B, C, D) in fp32; see the module docstring for shapes, directions
-    and backends."""
-    _check_shapes(u, delta, A, B, C, D, delta_bias)
+    """Selective scan y = S6(u; delta, A, B, C, D) in fp32, u one tensor or pieces along D; see the module
+    docstring for shapes, pieces, directions and backends."""
+    pieces = [u] if isinstance(u, Tensor) else list(u)
+    if not pieces:
+        raise ValueError("u in pieces needs at least one piece")
+    _check_shapes(pieces[0] if len(pieces) == 1 else delta, delta, A, B, C, D, delta_bias)
+    if len(pieces) > 1:
+        _check_pieces(pieces, delta, B.shape[1])
     check_reversed_groups(reversed_groups, B.shape[1])
-    y, _ = selective_scan_op(u, delta, A, B, C, D, delta_bias, delta_softplus, [int(g) for g in reversed_groups],
-                             resolve(SCAN, u.device.type).value)
+    y, _ = selective_scan_op(pieces, delta, A, B, C, D, delta_bias, delta_softplus,
+                             [int(g) for g in reversed_groups], resolve(SCAN, delta.device.type).value)
     return y

@@ -4,10 +4,11 @@ Tiling, launch and the second (deterministic) reduction pass of the partial grad
 (work split, chunked recompute, memory, determinism) is described with the kernels. Triton compiles them at
 their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for tests).
 
-Groups in `reversed_groups` are scanned backward in time, read and written in place (one more launch, with
-the kernels' REVERSE variant; see the kernels). `plan_forward` / `plan_backward` build a launch without running
-it, so the launch configurations the models use can be compiled ahead of time and inspected on a machine
-without a GPU (benchmarks/kernel_analysis.py).
+u comes in pieces along D (each a whole number of B/C groups; the same tensor may be several pieces), and
+groups in `reversed_groups` are scanned backward in time: both are read and written in place, with one launch
+per piece and direction (`launch_parts`; reversed ones with the kernels' REVERSE variant). `plan_forward` /
+`plan_backward` build a launch without running it, so the launch configurations the models use can be
+compiled ahead of time and inspected on a machine without a GPU (benchmarks/kernel_analysis.py).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from kernels.triton import selective_scan as kernels
 from ..launch import Launch
 from ..backends import triton_interpreting
 
-__all__ = ["scan_forward", "scan_backward", "plan_forward", "plan_backward", "state_shape", "tiling", "Tiling"]
+__all__ = ["scan_forward", "scan_backward", "plan_forward", "plan_backward", "launch_parts", "Part", "state_shape",
+           "tiling", "Tiling"]
 
 # Steps per chunk: the backward issues 4 row loads/stores per state and chunk, so N = 16 wants 128 steps to stay
 # under one memory instruction per step; one state is cheap, and longer chunks store fewer states.
@@ -81,13 +83,27 @@ def row_alignment(*rows: Tensor) -> int:
     return math.gcd(value, 8) if value else 8
 
 
-def _directions(groups: int, reversed_groups: Sequence[int]) -> List[Tuple[Optional[Sequence[int]], bool]]:
-    """(groups, reverse) of each launch: one over all groups when none is reversed, else one per direction."""
-    backward = sorted(set(reversed_groups))
-    if not backward:
-        return [(None, False)]
-    forward = [g for g in range(groups) if g not in backward]
-    return ([(forward, False)] if forward else []) + [(backward, True)]
+class Part(NamedTuple):
+    """What one launch scans: the B/C groups `groups` (None: all of them) of the piece `u` of u, whose first
+    channel is `first`, in one direction."""
+    u: Tensor
+    first: int
+    groups: Optional[List[int]]
+    reverse: bool
+
+
+def launch_parts(pieces: Sequence[Tensor], groups: int, reversed_groups: Sequence[int] = ()) -> List[Part]:
+    """One launch per piece of u and direction: a single one for u in one piece scanned forward in time."""
+    per_group = sum(p.shape[1] for p in pieces) // groups
+    backward, parts, first = set(reversed_groups), [], 0
+    for piece in pieces:
+        span = range(first // per_group, (first + piece.shape[1]) // per_group)
+        for reverse in (False, True):
+            chosen = [g for g in span if (g in backward) == reverse]
+            if chosen:
+                parts.append(Part(piece, first, None if len(chosen) == groups else chosen, reverse))
+        first += piece.shape[1]
+    return parts
 
 
 def _group_selection(groups: int, chosen: Optional[Sequence[int]]) -> Tuple[int, int]:
@@ -99,51 +115,49 @@ def _group_selection(groups: int, chosen: Optional[Sequence[int]]) -> Tuple[int,
     return len(chosen), sum(1 << g for g in chosen)
 
 
-def _common(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-            delta_bias: Optional[Tensor], delta_softplus: bool, groups_of_launch: Optional[Sequence[int]],
-            reverse: bool, *more_rows: Tensor):
-    u, delta, B, C = (_steps_contiguous(x) for x in (u, delta, B, C))
-    batch, dim, length = u.shape
+def _common(part: Part, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+            delta_bias: Optional[Tensor], delta_softplus: bool, *more_rows: Tensor):
+    u, delta, B, C = (_steps_contiguous(x) for x in (part.u, delta, B, C))
+    batch, dim, length = delta.shape
     groups, nstate = B.shape[1], A.shape[1]
-    launch_groups, group_mask = _group_selection(groups, groups_of_launch)
+    launch_groups, group_mask = _group_selection(groups, part.groups)
     tiles = tiling(dim // groups, nstate, length)
     nchunk = triton.cdiv(length, tiles.chunk)
     torch_acc, tl_acc = _accumulation(u)
     meta = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=tl_acc,
                 BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n, CHUNK=tiles.chunk,
-                ALIGN=row_alignment(u, delta, *more_rows), REVERSE=reverse, num_warps=tiles.num_warps)
+                ALIGN=row_alignment(u, delta, *more_rows), REVERSE=part.reverse, num_warps=tiles.num_warps)
     nblock = triton.cdiv(dim // groups, tiles.block_d)
     sizes = (length, groups, dim // groups, nstate, nchunk)
     strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0),
                *B.stride()[:3], *C.stride()[:3])
-    return (u, delta, B, C), (batch * launch_groups, nblock), sizes, (launch_groups, group_mask), strides, meta, \
-        torch_acc
+    return (u, delta, B, C), (batch * launch_groups, nblock), sizes, (launch_groups, group_mask, part.first), \
+        strides, meta, torch_acc
 
 
-def plan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                 delta_bias: Optional[Tensor], delta_softplus: bool, groups: Optional[Sequence[int]] = None,
-                 reverse: bool = False, out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Launch, Tensor, Tensor]:
-    """The forward launch over `groups` (None: all) in one direction, and its outputs y (batch, D, L) in the
-    accumulation dtype and the chunk states (allocated, or `out` = (y, states) of another direction's launch)."""
+def plan_forward(part: Part, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool,
+                 out: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Launch, Tensor, Tensor]:
+    """The forward launch of `part`, and its outputs y (batch, D, L) in the accumulation dtype and the chunk
+    states (allocated, or `out` = (y, states) of another part's launch)."""
     (u, delta, B, C), grid, sizes, selection, strides, meta, torch_acc = _common(
-        u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse)
+        part, delta, A, B, C, D, delta_bias, delta_softplus)
     y, states = out if out is not None else (
-        torch.empty(u.shape, device=u.device, dtype=torch_acc),
-        torch.empty(state_shape(*u.shape[:2], u.shape[2], A.shape[1]), device=u.device, dtype=torch_acc))
+        torch.empty(delta.shape, device=u.device, dtype=torch_acc),
+        torch.empty(state_shape(*delta.shape, A.shape[1]), device=u.device, dtype=torch_acc))
     args = (u, delta, A, B, C, D, delta_bias, y, states, *sizes, *selection, *strides)
     return Launch(kernels.scan_fwd_kernel, grid, args, meta), y, states
 
 
-def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def plan_backward(part: Part, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor,
-                  groups: Optional[Sequence[int]] = None, reverse: bool = False,
                   out: Optional[Tuple[Tensor, ...]] = None) -> Tuple[Launch, Tuple[Tensor, ...]]:
-    """The backward launch over `groups` (None: all) in one direction and the buffers it fills (allocated, or
-    `out`, those of another direction's launch): du, ddelta, and the partials of dA, dB, dC, dD, dbias."""
+    """The backward launch of `part` and the buffers it fills (allocated, or `out`, those of another part's
+    launch): du (batch, D, L) for the whole of u, ddelta, and the partials of dA, dB, dC, dD, dbias."""
     dy = _steps_contiguous(dy)
     (u, delta, B, C), grid, sizes, selection, strides, meta, torch_acc = _common(
-        u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse, dy)
-    batch, dim, length = u.shape
+        part, delta, A, B, C, D, delta_bias, delta_softplus, dy)
+    batch, dim, length = delta.shape
     groups, nblock = B.shape[1], grid[1]
     dev = u.device
     length_, groups_, per_group, nstate, nchunk = sizes
@@ -152,7 +166,7 @@ def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
                              dy.stride(0), dy.stride(1))
     if out is not None:
         return Launch(kernels.scan_bwd_kernel, grid, args(*out), meta), out
-    du = torch.empty(u.shape, device=dev, dtype=u.dtype)
+    du = torch.empty(delta.shape, device=dev, dtype=u.dtype)
     ddelta = torch.empty(delta.shape, device=dev, dtype=delta.dtype)
     dA = torch.empty(batch, dim, A.shape[1], device=dev, dtype=torch_acc)
     # one channel block per group: its rows are the whole sum, written in B's / C's dtype
@@ -165,26 +179,27 @@ def plan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: 
     return Launch(kernels.scan_bwd_kernel, grid, args(*buffers), meta), buffers
 
 
-def scan_forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def scan_forward(u: Sequence[Tensor], delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                  delta_bias: Optional[Tensor], delta_softplus: bool, reversed_groups: Sequence[int] = ()
                  ) -> Tuple[Tensor, Tensor]:
-    """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`."""
+    """y (batch, D, L) in the accumulation dtype, and the chunk start states for `scan_backward`; u is given
+    in pieces along D (read where they are)."""
     out = None
-    for groups, reverse in _directions(B.shape[1], reversed_groups):
-        launch, y, states = plan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, groups, reverse, out)
+    for part in launch_parts(u, B.shape[1], reversed_groups):
+        launch, y, states = plan_forward(part, delta, A, B, C, D, delta_bias, delta_softplus, out)
         launch.launch()
         out = y, states
     return out
 
 
-def scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def scan_backward(u: Sequence[Tensor], delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                   delta_bias: Optional[Tensor], delta_softplus: bool, dy: Tensor, states: Tensor,
                   reversed_groups: Sequence[int] = ()) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (dD, ddelta_bias in
-    the accumulation dtype when D, delta_bias are None)."""
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias), each in its input's dtype (du (batch, D, L) for the whole of
+    u; dD, ddelta_bias in the accumulation dtype when D, delta_bias are None)."""
     out = None
-    for groups, reverse in _directions(B.shape[1], reversed_groups):
-        launch, out = plan_backward(u, delta, A, B, C, D, delta_bias, delta_softplus, dy, states, groups, reverse, out)
+    for part in launch_parts(u, B.shape[1], reversed_groups):
+        launch, out = plan_backward(part, delta, A, B, C, D, delta_bias, delta_softplus, dy, states, out)
         launch.launch()
     du, ddelta, dA, dB, dC, dD, dbias = out
     acc = dA.dtype
