@@ -1,5 +1,6 @@
-"""DefMamba for MMDetection 3.x / MMSegmentation 1.x: `import dense` (the configs' `custom_imports`) registers
-`DefMambaBackbone` and `VMambaBackbone` in both MODELS registries, after giving mmcv-lite the ops it lacks (see dense/ops.py).
+"""The families for MMDetection 3.x / MMSegmentation 1.x: `import dense` (the configs' `custom_imports`) registers
+`DefMambaBackbone`, `VMambaBackbone` and `MambaAdaptorBackbone` in both MODELS registries, after giving mmcv-lite
+the ops it lacks (see dense/ops.py).
 
 Needs the dense extras (requirements-dense.txt); the `models` package itself never imports mm* packages.
 """
@@ -21,6 +22,6 @@ from . import ops  # noqa: E402
 
 ops.install()  # before anything imports mmcv.ops
 
-from .backbone import DefMambaBackbone, VMambaBackbone, registered_in  # noqa: E402
+from .backbone import DefMambaBackbone, MambaAdaptorBackbone, VMambaBackbone, registered_in  # noqa: E402
 
-__all__ = ["DefMambaBackbone", "VMambaBackbone", "registered_in", "ops"]
+__all__ = ["DefMambaBackbone", "VMambaBackbone", "MambaAdaptorBackbone", "registered_in", "ops"]

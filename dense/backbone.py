@@ -1,5 +1,5 @@
-"""The backbones (`DefMambaBackbone`, `VMambaBackbone`) in the MMDetection and MMSegmentation MODELS registries
-(those of the two installed)."""
+"""The backbones (`DefMambaBackbone`, `VMambaBackbone`, `MambaAdaptorBackbone`) in the MMDetection and
+MMSegmentation MODELS registries (those of the two installed)."""
 from __future__ import annotations
 
 import importlib
@@ -10,9 +10,10 @@ from mmengine.logging import print_log
 
 from models.backbone import BackboneLoadReport
 from models.defmamba.backbone import DefMambaBackbone as _DefMambaBackbone
+from models.mamba_adaptor.backbone import MambaAdaptorBackbone as _MambaAdaptorBackbone
 from models.vmamba.backbone import VMambaBackbone as _VMambaBackbone
 
-__all__ = ["DefMambaBackbone", "VMambaBackbone", "registered_in"]
+__all__ = ["DefMambaBackbone", "VMambaBackbone", "MambaAdaptorBackbone", "registered_in"]
 
 
 class _LoggedLoading:
@@ -41,13 +42,21 @@ class VMambaBackbone(_LoggedLoading, _VMambaBackbone):
     """
 
 
+class MambaAdaptorBackbone(_LoggedLoading, _MambaAdaptorBackbone):
+    """models.mamba_adaptor.backbone.MambaAdaptorBackbone that reports its ImageNet loading in the MMEngine log.
+
+    Config keys: out_indices, pretrained, VMamba's keys (as VMambaBackbone) and MambaAdaptor's adaptor switches
+    (adaptor_t, t_stages, t_points, ..., adaptor_s, s_stages, s_kernel_sizes, ..., img_size).
+    """
+
+
 def _register() -> List[str]:
     scopes = []
     for scope, package in (("mmdet", "mmdet"), ("mmseg", "mmseg")):
         if importlib.util.find_spec(package) is None:
             continue
         registry = importlib.import_module(f"{package}.registry").MODELS
-        for backbone in (DefMambaBackbone, VMambaBackbone):
+        for backbone in (DefMambaBackbone, VMambaBackbone, MambaAdaptorBackbone):
             registry.register_module(name=backbone.__name__, module=backbone, force=True)
         scopes.append(scope)
     return scopes

@@ -1,6 +1,9 @@
-"""Parameters and FLOPs of a DefMamba detector or segmentor config, counted with utils.flops (fvcore + scan handles).
+"""Parameters and FLOPs of a detector or segmentor config, counted with utils.flops (fvcore + scan handles).
 
     python -m dense.flops CONFIG [--shape H W] [--scan-flops release|vmamba]
+
+The scan convention defaults to the family's, as in utils.flops: `vmamba` for VMamba and Mamba-Adaptor
+backbones (VMamba's published numbers), `release` for DefMamba.
 
 What is counted, per image of H x W (default: the release's 1280 x 800 for detection, 512 x 2048 for
 segmentation), one multiply-add = one FLOP:
@@ -21,7 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DenseFlopModel", "dense_params", "dense_params_and_flops"]
+__all__ = ["DenseFlopModel", "dense_params", "dense_params_and_flops", "family_convention"]
 
 DEFAULT_SHAPES = {"mmdet": (1280, 800), "mmseg": (512, 2048)}
 
@@ -75,11 +78,27 @@ def dense_params(config: str, overrides: Optional[dict] = None) -> int:
     return count_params(_build(config, overrides)[0])
 
 
-def dense_params_and_flops(config: str, shape: Optional[Tuple[int, int]] = None, convention: str = "release",
+def family_convention(config: str, overrides: Optional[dict] = None) -> str:
+    """The scan-FLOP convention of the config's backbone family: `vmamba` for VMamba and Mamba-Adaptor (a VMamba
+    subclass), `release` otherwise."""
+    from mmengine.config import Config
+
+    from dense import backbone as registered
+    from models import VMamba
+
+    cfg = Config.fromfile(config)
+    if overrides:
+        cfg.merge_from_dict(overrides)
+    cls = getattr(registered, str(cfg.model.backbone.get("type")), None)
+    return "vmamba" if isinstance(cls, type) and issubclass(cls, VMamba) else "release"
+
+
+def dense_params_and_flops(config: str, shape: Optional[Tuple[int, int]] = None, convention: Optional[str] = None,
                            overrides: Optional[dict] = None) -> Tuple[int, float, Tuple[int, int]]:
-    """(parameters, GFLOPs, (H, W)) of the model in `config` for one H x W image."""
+    """(parameters, GFLOPs, (H, W)) of the model in `config` for one H x W image (convention None: the family's)."""
     from utils.flops import ScanFlopConvention, count_flops, count_params
 
+    convention = convention or family_convention(config, overrides)
     model, scope = _build(config, overrides)
     height, width = shape or DEFAULT_SHAPES[scope]
     wrapper = DenseFlopModel(model, scope, height, width)
@@ -93,8 +112,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("config", help="config under configs/detection or configs/segmentation")
     parser.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
                         help="input size (default: 1280 800 for detection, 512 2048 for segmentation)")
-    parser.add_argument("--scan-flops", choices=["release", "vmamba"], default="release",
-                        help="selective-scan counting convention (see utils/flops.py)")
+    parser.add_argument("--scan-flops", choices=["release", "vmamba"], default=None,
+                        help="selective-scan counting convention (see utils/flops.py; default: the backbone family's)")
     parser.add_argument("--params-only", action="store_true", help="count parameters only (fast, little memory)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.config):
@@ -105,10 +124,11 @@ def main(argv: List[str]) -> int:
         params = dense_params(args.config)
         print(f"{os.path.basename(args.config)}: params {params:,} ({params / 1e6:.1f} M)")
         return 0
+    convention = args.scan_flops or family_convention(args.config)
     params, gflops, (h, w) = dense_params_and_flops(args.config, tuple(args.shape) if args.shape else None,
-                                                    args.scan_flops)
+                                                    convention)
     print(f"{os.path.basename(args.config)}: params {params:,} ({params / 1e6:.1f} M), {gflops:.1f} GFLOPs "
-          f"at {h}x{w} (scan convention: {args.scan_flops})")
+          f"at {h}x{w} (scan convention: {convention})")
     return 0
 
 

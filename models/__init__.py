@@ -17,14 +17,14 @@ from .defmamba import (BackboneLoadReport, DefMamba, DefMambaBackbone, DMBlock, 
 from .defmamba.dssm import THIRD_BRANCHES
 from .ops import selective_scan_fn
 from .vmamba import VMamba, VMambaBackbone, VSSBlock, VSSStage, vmamba_base, vmamba_small, vmamba_tiny
-from .mamba_adaptor import MambaAdaptor, mamba_adaptor_b1, mamba_adaptor_b2
+from .mamba_adaptor import MambaAdaptor, MambaAdaptorBackbone, mamba_adaptor_b1, mamba_adaptor_b2
 
 __all__ = ["MODEL_TYPES", "THIRD_BRANCHES", "build_model", "input_channels", "DefMamba", "DMBlock", "DMStage",
            "defmamba_tiny", "defmamba_small", "defmamba_base", "DAMamba", "DABlock", "DAStage", "damamba_femto",
            "damamba_tiny", "damamba_small", "damamba_base", "DefMambaBackbone", "BackboneLoadReport",
            "CheckpointError", "load_pretrained", "read_checkpoint", "read_state_dict", "selective_scan_fn", "VMamba",
            "VMambaBackbone", "VSSBlock", "VSSStage", "vmamba_tiny", "vmamba_small", "vmamba_base", "MambaAdaptor",
-           "mamba_adaptor_b1", "mamba_adaptor_b2"]
+           "MambaAdaptorBackbone", "mamba_adaptor_b1", "mamba_adaptor_b2"]
 
 # values of MODEL.TYPE (config.py reads them from here)
 MODEL_TYPES = ("defmamba", "damamba", "vmamba", "mamba_adaptor")

@@ -1,5 +1,6 @@
-"""Dense prediction: the DefMamba backbone (keys, ImageNet loading, features) and, with the dense extras installed,
-Mask R-CNN and UperNet built from the real configs, the torchvision route for mmcv's ops, the entry points."""
+"""Dense prediction: the DefMamba, VMamba and Mamba-Adaptor backbones (keys, ImageNet loading, features) and, with
+the dense extras installed, Mask R-CNN and UperNet built from the real configs, the torchvision route for mmcv's
+ops, the entry points."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models import CheckpointError, DefMamba, DefMambaBackbone
+from models import (CheckpointError, DefMamba, DefMambaBackbone, MambaAdaptor, MambaAdaptorBackbone, VMamba,
+                    VMambaBackbone)
 from test_model import official_tiny_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +25,18 @@ needs_mm = pytest.mark.skipif(not HAS_MM, reason="dense extras not installed (pi
 
 TINY = dict(embed_dim=8, depths=(1, 1, 1, 1), offset_kernels=(3, 3, 3, 3))
 VARIANTS = {"tiny": (48, (2, 2, 5, 2)), "small": (96, (2, 2, 6, 2)), "base": (96, (2, 3, 16, 2))}
+# the VMamba-based families at test size (Mamba-Adaptor with both adaptors in every stage, its default)
+VM_TINY = dict(embed_dim=8, depths=(1, 1, 1, 1))
+# config name prefix: (classifier, backbone, {variant: (embed_dim, depths, ssm_ratio, drop path, checkpoint)})
+VMAMBA_FAMILIES = {
+    "vmamba": (VMamba, VMambaBackbone, {
+        "tiny": (96, (2, 2, 8, 2), 1.0, 0.2, "pretrained/vmamba_tiny.pth"),
+        "small": (96, (2, 2, 15, 2), 2.0, 0.3, "pretrained/vmamba_small.pth"),
+        "base": (128, (2, 2, 15, 2), 2.0, 0.6, "pretrained/vmamba_base.pth")}),
+    "mamba-adaptor": (MambaAdaptor, MambaAdaptorBackbone, {
+        "b1": (48, (2, 2, 8, 2), 1.0, 0.1, "pretrained/mamba_adaptor_b1.pth"),
+        "b2": (96, (2, 2, 9, 2), 1.0, 0.2, "pretrained/mamba_adaptor_b2.pth")}),
+}
 
 
 # ---------------------------------------------------------------- backbone (no mm* needed)
@@ -124,11 +138,108 @@ def test_models_package_imports_without_mm_packages():
         "sys.meta_path.insert(0, Block())\n"
         "import models\n"
         "b = models.DefMambaBackbone(embed_dim=8, depths=(1, 1, 1, 1), offset_kernels=(3, 3, 3, 3))\n"
+        "models.VMambaBackbone(embed_dim=8, depths=(1, 1, 1, 1))\n"
+        "models.MambaAdaptorBackbone(embed_dim=8, depths=(1, 1, 1, 1))\n"
         "assert not {m.split('.')[0] for m in sys.modules} & {'mmengine', 'mmcv', 'mmdet', 'mmseg'}\n"
         "print(b.out_channels)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[8, 16, 32, 64]"
+
+
+# ---------------------------------------------------------------- VMamba and Mamba-Adaptor backbones (no mm* needed)
+
+def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter moved off its initial value (Adaptor-T's predictor starts at zero), scaled to stay stable."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _reference_vmamba_features(classifier: VMamba, norms: Dict[int, torch.nn.Module], x: torch.Tensor) -> List:
+    """Stage outputs before downsampling, from the classifier's own modules, each layer-normed over channels."""
+    x = classifier.patch_embed(x)
+    out = []
+    for i, stage in enumerate(classifier.layers):
+        for block in stage.blocks:
+            x = block(x)
+        if i in norms:
+            channels_last = x.permute(0, 2, 3, 1)
+            normed = F.layer_norm(channels_last, channels_last.shape[-1:], norms[i].weight, norms[i].bias, 1e-5)
+            out.append(normed.permute(0, 3, 1, 2))
+        x = stage.downsample(x)
+    return out
+
+
+@pytest.mark.parametrize("family", list(VMAMBA_FAMILIES))
+def test_vmamba_family_backbone_keys_are_the_classifier_keys_plus_outnorms(family):
+    classifier_cls, backbone_cls, _ = VMAMBA_FAMILIES[family]
+    classifier_keys = {k: list(v.shape) for k, v in classifier_cls(num_classes=10, **VM_TINY).state_dict().items()}
+    expected = {k: v for k, v in classifier_keys.items() if not k.startswith("classifier.")}
+    for i, c in enumerate((8, 16, 32, 64)):
+        expected.update({f"outnorm{i}.weight": [c], f"outnorm{i}.bias": [c]})
+    backbone = backbone_cls(**VM_TINY)
+    assert {k: list(v.shape) for k, v in backbone.state_dict().items()} == expected
+    assert backbone.out_channels == [8, 16, 32, 64]
+    assert [info["reduction"] for info in backbone.feature_info] == [4, 8, 16, 32]
+    if family == "mamba-adaptor":  # the adaptors are part of the backbone
+        assert any(".op.adaptor_t." in k for k in expected) and any(".op.adaptor_s." in k for k in expected)
+
+
+@pytest.mark.parametrize("family", list(VMAMBA_FAMILIES))
+def test_vmamba_family_backbone_loads_imagenet_and_matches_the_classifier_stages(family, tmp_path):
+    classifier_cls, backbone_cls, _ = VMAMBA_FAMILIES[family]
+    torch.manual_seed(0)
+    classifier = _randomised(classifier_cls(num_classes=10, drop_path_rate=0.0, **VM_TINY)).eval()
+    path = tmp_path / "imagenet.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+
+    backbone = backbone_cls(out_indices=(1, 2, 3), pretrained=str(path), drop_path_rate=0.0, **VM_TINY).eval()
+    with torch.no_grad():
+        backbone.outnorm2.weight.uniform_(0.5, 1.5)  # a non-trivial norm: must survive loading
+        kept = backbone.outnorm2.weight.clone()
+    report = backbone.init_weights()
+    head = [k for k in classifier.state_dict() if k.startswith("classifier.")]
+    assert report.skipped_head == head == ["classifier.norm.weight", "classifier.norm.bias",
+                                           "classifier.head.weight", "classifier.head.bias"]
+    assert report.initialised_norms == [f"outnorm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
+    assert report.loaded == len(classifier.state_dict()) - len(head)
+    assert torch.equal(backbone.outnorm2.weight, kept)
+    for key, value in classifier.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(backbone.state_dict()[key], value), key
+
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = backbone(x)
+        ref = _reference_vmamba_features(classifier, {i: getattr(backbone, f"outnorm{i}") for i in (1, 2, 3)}, x)
+    # strides 8, 16, 32 of a 64 x 96 input, channels 8 * 2**i
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
+    for f, r in zip(feats, ref):
+        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_family_checkpoints_are_one_line_errors_without_loading(tmp_path):
+    """A VMamba checkpoint lacks the adaptors of Mamba-Adaptor; a DefMamba one is another model altogether."""
+    adaptor = MambaAdaptorBackbone(**VM_TINY)
+    vmamba = VMambaBackbone(**VM_TINY)
+    torch.save({"model": VMamba(num_classes=10, **VM_TINY).state_dict()}, tmp_path / "vmamba.pth")
+    torch.save({"model": DefMamba(num_classes=10, **TINY).state_dict()}, tmp_path / "defmamba.pth")
+    torch.save({"model": VMamba(num_classes=10, embed_dim=16, depths=(1, 1, 1, 1)).state_dict()},
+               tmp_path / "wider.pth")
+    cases = [(adaptor, "vmamba.pth", r"missing keys: layers\.0\.blocks\.0\.op\.adaptor_t\."),
+             (vmamba, "defmamba.pth", r"does not match the model: .*unexpected keys: .*\.op\.DS\."),
+             (vmamba, "wider.pth", r"shape mismatch: patch_embed\.0\.weight")]
+    for backbone, name, pattern in cases:
+        before = {k: v.clone() for k, v in backbone.state_dict().items()}
+        with pytest.raises(CheckpointError, match=pattern) as err:
+            backbone.load_imagenet(str(tmp_path / name))
+        message = str(err.value)
+        assert "\n" not in message and str(tmp_path / name) in message and len(message) < 1000, message
+        for key, value in backbone.state_dict().items():
+            assert torch.equal(value, before[key]), f"{key} changed by a failed load of {name}"
 
 
 # ---------------------------------------------------------------- mm* (dense extras)
@@ -179,15 +290,96 @@ def test_configs_carry_the_release_recipe(dense, path):
         assert (warmup.type, warmup.end, poly.type, poly.power, poly.end) == ("LinearLR", 1500, "PolyLR", 1.0, 160000)
 
 
-def _offset_grads(model) -> List[torch.Tensor]:
-    grads = [p.grad for n, p in model.backbone.named_parameters() if ".DS.conv_offset." in n]
-    assert grads, "no offset-network parameters found"
+# (config, family, variant) of the VMamba and Mamba-Adaptor configs
+FAMILY_CONFIGS = [
+    (f"configs/detection/mask-rcnn_{family}-{v}_fpn_{s}_coco.py", family, v)
+    for family, (_, _, variants) in VMAMBA_FAMILIES.items() for v in variants for s in ("1x", "ms-3x")
+] + [
+    (f"configs/segmentation/upernet_{family}-{v}_8xb2-160k_ade20k-512x512.py", family, v)
+    for family, (_, _, variants) in VMAMBA_FAMILIES.items() for v in variants
+]
+
+
+def _defmamba_counterpart(path: str) -> str:
+    """The DefMamba-S config of the same model and schedule (the recipe every family shares)."""
+    if path.startswith("configs/detection"):
+        return f"configs/detection/mask-rcnn_defmamba-small_fpn_{'1x' if '_1x_' in path else 'ms-3x'}_coco.py"
+    return SEG_CONFIGS[1]
+
+
+@needs_mm
+@pytest.mark.parametrize("path, family, variant", FAMILY_CONFIGS)
+def test_family_configs_are_the_defmamba_recipe_with_their_backbone(dense, path, family, variant):
+    cfg, ref = _config(path), _config(_defmamba_counterpart(path))
+    dim, depths, ratio, drop_path, checkpoint = VMAMBA_FAMILIES[family][2][variant]
+    channels = [dim * 2 ** i for i in range(4)]
+    backbone = cfg.model.backbone
+    assert backbone.to_dict() == dict(type=VMAMBA_FAMILIES[family][1].__name__, embed_dim=dim, depths=depths,
+                                      ssm_ratio=ratio, drop_path_rate=drop_path, out_indices=(0, 1, 2, 3),
+                                      pretrained=checkpoint)
+    assert "dense" in cfg.custom_imports.imports and cfg.default_scope == ref.default_scope
+    for key in ("optim_wrapper", "param_scheduler", "train_cfg", "train_dataloader", "val_evaluator"):
+        assert cfg[key] == ref[key], key
+    optim = cfg.optim_wrapper.optimizer
+    if path.startswith("configs/detection"):
+        assert (optim.type, optim.lr, optim.weight_decay) == ("AdamW", 1e-4, 0.05)
+        assert cfg.model.neck.in_channels == channels
+        shared = ("rpn_head", "roi_head", "train_cfg", "test_cfg", "data_preprocessor")
+    else:
+        assert (optim.type, optim.lr, optim.weight_decay) == ("AdamW", 6e-5, 0.01)
+        assert cfg.model.decode_head.in_channels == channels and cfg.model.auxiliary_head.in_channels == channels[2]
+        cfg.model.decode_head.in_channels = ref.model.decode_head.in_channels
+        cfg.model.auxiliary_head.in_channels = ref.model.auxiliary_head.in_channels
+        shared = ("decode_head", "auxiliary_head", "train_cfg", "test_cfg", "data_preprocessor")
+    for key in shared:
+        assert cfg.model[key] == ref.model[key], key
+
+
+@needs_mm
+@pytest.mark.parametrize("path, family, variant", FAMILY_CONFIGS)
+def test_family_configs_build_with_the_registered_backbone(dense, path, family, variant):
+    """Each config builds its detector / segmentor (tiny backbone); the backbone feeds the neck / head its maps."""
+    from mmengine.registry import init_default_scope
+    cfg = _config(path)
+    cfg.model.backbone.update(pretrained=None, **VM_TINY)
+    channels = [8, 16, 32, 64]
+    if path.startswith("configs/detection"):
+        cfg.model.neck.in_channels = channels
+    else:
+        cfg.model.decode_head.in_channels, cfg.model.auxiliary_head.in_channels = channels, 32
+    scope = cfg.default_scope
+    init_default_scope(scope)
+    model = importlib.import_module(f"{scope}.registry").MODELS.build(cfg.model).eval()
+    expected = {"vmamba": dense.VMambaBackbone, "mamba-adaptor": dense.MambaAdaptorBackbone}[family]
+    assert type(model.backbone) is expected
+    assert model.backbone.out_channels == channels
+    with torch.no_grad():
+        feats = model.backbone(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, c, 64 // r, 96 // r) for c, r in zip(channels, (4, 8, 16, 32))]
+    with torch.no_grad():  # the neck / decode head takes them
+        if path.startswith("configs/detection"):
+            assert len(model.neck(feats)) == 5
+        else:
+            assert model.decode_head(feats).shape == (1, 150, 16, 24)
+
+
+# parameters of the backbone whose gradients and update the training iteration checks, per family
+PROBES = {"DefMambaBackbone": ".DS.conv_offset.", "VMambaBackbone": ".op.x_proj_weight",
+          "MambaAdaptorBackbone": ".op.adaptor_t."}
+
+
+def _probe_grads(model, probe: str) -> List[torch.Tensor]:
+    grads = [p.grad for n, p in model.backbone.named_parameters() if probe in n or n == "patch_embed.0.weight"]
+    assert len(grads) > 1, f"no backbone parameters named *{probe}*"  # the stem's and at least one probe
     return grads
 
 
 def _train_iteration(model, cfg, data) -> Dict[str, torch.Tensor]:
-    """One iteration as MMEngine's train_step does it, with a look at the gradients before the step."""
+    """One iteration as MMEngine's train_step does it, with a look at the gradients before the step: the
+    family's characteristic parameters (PROBES) and the stem's first convolution (the farthest from the loss)
+    get finite non-zero gradients, and they and the output norms change in the step."""
     from mmengine.optim import build_optim_wrapper
+    probe = PROBES[type(model.backbone).__name__]
     optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     assert type(optim_wrapper.optimizer).__name__ == "AdamW"
     model.train()
@@ -197,13 +389,14 @@ def _train_iteration(model, cfg, data) -> Dict[str, torch.Tensor]:
     loss, log = model.parse_losses(losses)
     assert torch.isfinite(loss)
     optim_wrapper.backward(loss)
-    grads = _offset_grads(model)
+    grads = _probe_grads(model, probe)
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert sum(float(g.abs().sum()) for g in grads) > 0, "the offset network got no gradient"
+    assert all(float(g.abs().sum()) > 0 for g in grads), f"*{probe}* or the stem got no gradient"
     optim_wrapper.step()
     optim_wrapper.zero_grad()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
-    assert any(".DS.conv_offset." in n for n in changed) and any(n.startswith("backbone.outnorm") for n in changed)
+    assert any(probe in n for n in changed) and any(n.startswith("backbone.outnorm") for n in changed)
+    assert "backbone.patch_embed.0.weight" in changed
     return log
 
 
@@ -212,15 +405,19 @@ def _images(generator: torch.Generator, size=(64, 64)) -> List[torch.Tensor]:
 
 
 @needs_mm
-def test_mask_rcnn_from_config_trains_and_predicts(dense):
+@pytest.mark.parametrize("path, backbone", [
+    ("configs/detection/mask-rcnn_defmamba-small_fpn_1x_coco.py", TINY),
+    ("configs/detection/mask-rcnn_vmamba-tiny_fpn_1x_coco.py", VM_TINY),
+])
+def test_mask_rcnn_from_config_trains_and_predicts(dense, path, backbone):
     from mmengine.registry import init_default_scope
     from mmengine.structures import InstanceData
     from mmdet.registry import MODELS
     from mmdet.structures import DetDataSample
     from mmdet.structures.mask import BitmapMasks
 
-    cfg = _config("configs/detection/mask-rcnn_defmamba-small_fpn_1x_coco.py")
-    cfg.model.backbone.update(pretrained=None, **TINY)
+    cfg = _config(path)
+    cfg.model.backbone.update(pretrained=None, **backbone)
     cfg.model.neck.in_channels = [8, 16, 32, 64]
     # fewer RoIs than COCO training uses, to keep the CPU time of the heads small
     cfg.model.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=100)
@@ -229,7 +426,7 @@ def test_mask_rcnn_from_config_trains_and_predicts(dense):
     init_default_scope("mmdet")
     model = MODELS.build(cfg.model)
     model.init_weights()
-    assert type(model.backbone) is dense.DefMambaBackbone
+    assert type(model.backbone) is getattr(dense, cfg.model.backbone.type)
 
     g = torch.Generator().manual_seed(0)
     h, w = 64, 64
@@ -262,21 +459,25 @@ def test_mask_rcnn_from_config_trains_and_predicts(dense):
 
 
 @needs_mm
-def test_upernet_from_config_trains_and_predicts(dense):
+@pytest.mark.parametrize("path, backbone", [
+    ("configs/segmentation/upernet_defmamba-small_8xb2-160k_ade20k-512x512.py", TINY),
+    ("configs/segmentation/upernet_mamba-adaptor-b1_8xb2-160k_ade20k-512x512.py", VM_TINY),
+])
+def test_upernet_from_config_trains_and_predicts(dense, path, backbone):
     from mmengine.registry import init_default_scope
     from mmengine.structures import PixelData
     from mmseg.registry import MODELS
     from mmseg.structures import SegDataSample
 
-    cfg = _config("configs/segmentation/upernet_defmamba-small_8xb2-160k_ade20k-512x512.py")
-    cfg.model.backbone.update(pretrained=None, **TINY)
+    cfg = _config(path)
+    cfg.model.backbone.update(pretrained=None, **backbone)
     cfg.model.decode_head.update(in_channels=[8, 16, 32, 64], channels=32)
     cfg.model.auxiliary_head.update(in_channels=32, channels=16)
     cfg.model.data_preprocessor.size = (64, 64)  # pad target of the tiny images (512x512 in the config)
     init_default_scope("mmseg")
     model = MODELS.build(cfg.model)
     model.init_weights()
-    assert type(model.backbone) is dense.DefMambaBackbone
+    assert type(model.backbone) is getattr(dense, cfg.model.backbone.type)
 
     g = torch.Generator().manual_seed(0)
     h, w = 64, 48
@@ -445,6 +646,33 @@ def test_dense_flops_count_every_scan_through_the_handles(dense):
 
 
 @needs_mm
+@pytest.mark.parametrize("path, family", [
+    ("configs/detection/mask-rcnn_vmamba-tiny_fpn_1x_coco.py", "vmamba"),
+    ("configs/segmentation/upernet_mamba-adaptor-b1_8xb2-160k_ade20k-512x512.py", "mamba-adaptor"),
+])
+def test_dense_flops_of_the_vmamba_families_default_to_vmambas_convention(dense, path, family):
+    """One scan call per block over the four directions (D = 4 * d_inner; Adaptor-T's hidden-state scan replaces
+    the plain one): the conventions differ by 6*D*L*N - 1.5*D*L per call (N = 1), and the default is `vmamba`."""
+    from dense.flops import dense_params_and_flops, family_convention
+    if path.startswith("configs/detection"):
+        overrides = {"model.backbone": dict(VM_TINY), "model.neck.in_channels": [8, 16, 32, 64]}
+    else:
+        overrides = {"model.backbone": dict(VM_TINY), "model.decode_head.in_channels": [8, 16, 32, 64],
+                     "model.decode_head.channels": 16, "model.auxiliary_head.in_channels": 32,
+                     "model.auxiliary_head.channels": 8}
+    assert family_convention(str(REPO / path)) == "vmamba"
+    assert family_convention(str(REPO / SEG_CONFIGS[0])) == "release"
+    params, vmamba, shape = dense_params_and_flops(str(REPO / path), (64, 96), None, overrides)  # the default
+    _, release, _ = dense_params_and_flops(str(REPO / path), (64, 96), "release", overrides)
+    assert shape == (64, 96) and release > 0
+    tokens = [(64 // 4 >> i) * (96 // 4 >> i) for i in range(4)]  # one block per stage, ssm_ratio 1
+    expected = sum(6 * (4 * 8 * 2 ** i) * n - 1.5 * (4 * 8 * 2 ** i) * n for i, n in enumerate(tokens))
+    assert math.isclose((vmamba - release) * 1e9, expected, rel_tol=1e-9)
+    backbone = VMAMBA_FAMILIES[family][1](**VM_TINY)
+    assert params > sum(p.numel() for p in backbone.parameters())
+
+
+@needs_mm
 def test_mmengine_checkpoints_load_through_the_entry_points_loader(dense, tmp_path):
     import numpy as np
     from mmengine.logging import HistoryBuffer
@@ -458,19 +686,17 @@ def test_mmengine_checkpoints_load_through_the_entry_points_loader(dense, tmp_pa
 
 
 @needs_mm
+@pytest.mark.parametrize("family", list(VMAMBA_FAMILIES))
 @pytest.mark.parametrize("scope", ["mmdet", "mmseg"])
-def test_vmamba_backbone_from_both_registries_loads_imagenet_weights(dense, scope, tmp_path):
-    import importlib
-
-    from models import VMamba
-
+def test_vmamba_backbone_from_both_registries_loads_imagenet_weights(dense, scope, family, tmp_path):
+    classifier_cls, backbone_cls, _ = VMAMBA_FAMILIES[family]
     kwargs = dict(embed_dim=8, depths=(1, 1, 1, 1), drop_path_rate=0.0)
-    classifier = VMamba(num_classes=3, **kwargs)
-    path = tmp_path / "vmamba.pth"
+    classifier = classifier_cls(num_classes=3, **kwargs)
+    path = tmp_path / "imagenet.pth"
     torch.save({"model": classifier.state_dict()}, path)
     registry = importlib.import_module(f"{scope}.registry").MODELS
-    backbone = registry.build(dict(type="VMambaBackbone", pretrained=str(path), **kwargs)).eval()
-    assert type(backbone) is dense.VMambaBackbone
+    backbone = registry.build(dict(type=backbone_cls.__name__, pretrained=str(path), **kwargs)).eval()
+    assert type(backbone) is getattr(dense, backbone_cls.__name__) and isinstance(backbone, backbone_cls)
     report = backbone.init_weights()
     head = [k for k in classifier.state_dict() if k.startswith("classifier.")]
     assert report.skipped_head == head and report.loaded == len(classifier.state_dict()) - len(head)
