@@ -205,3 +205,36 @@ def test_data_pipeline_benchmark_rejects_bad_arguments(argv, message, capsys):
         data_bench.parse_args(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+memory_bench = load("activation_memory")
+
+
+def test_activation_memory_counts_each_saved_storage_once_by_module():
+    """Linear saves its input, ReLU its output, which the second Linear saves again (counted once, under
+    ReLU); the weights are parameters, not activations."""
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+    for batch in (4, 8):
+        got = memory_bench.saved_bytes(net, torch.randn(batch, 5))
+        assert got == {"Linear": batch * 5 * 4, "ReLU": batch * 7 * 4}
+    per_image, fixed = memory_bench.split_by_batch({"A": 30, "B": 8, "C": 2}, {"A": 50, "B": 8, "C": 4}, 2)
+    assert per_image == {"A": 10, "B": 0, "C": 1} and fixed == {"A": 10, "B": 8, "C": 0}
+
+
+def test_activation_memory_benchmark_runs_at_toy_size(tmp_path: Path, capsys):
+    out = tmp_path / "memory.json"
+    assert memory_bench.main(["--model", "defmamba_tiny", "--img-size", "32", "--batch-size", "1", "--backend",
+                              "torch", "--amp-dtype", "bf16", "--top", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["saved_bytes_per_image"]["DSSM"] > 0 and result["training_state_bytes"] > 0
+    printed = capsys.readouterr().out
+    assert "| DSSM |" in printed and "| (others) |" in printed and "at batch 128" in printed
+
+
+@pytest.mark.parametrize("argv,message", [(["--backend", "cuda"], "--backend: expected one of"),
+                                          (["--img-size", "16"], "need --img-size >= 32")])
+def test_activation_memory_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        memory_bench.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
