@@ -23,7 +23,6 @@ AMP on an H100).
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 from typing import Any, Callable, Dict, List, Optional
@@ -35,7 +34,9 @@ from models.ops.backends import Backend, BackendUnavailable, use_backend  # noqa
 
 import models  # noqa: E402,F401  (registers the timm names)
 import timm  # noqa: E402
-from utils.amp import AmpPolicy, GradStepper  # noqa: E402
+from utils.amp import AmpPolicy  # noqa: E402
+from utils.analyze.throughput import OFFICIAL as PUBLISHED  # noqa: E402
+from utils.throughput import peak_memory_gib, reset_memory, train_step  # noqa: E402
 
 VARIANTS = {"tiny": "defmamba_tiny", "small": "defmamba_small", "base": "defmamba_base"}
 SCAN_BACKENDS = ["auto", "cuda", "triton", "torch"]
@@ -43,27 +44,15 @@ DEFORM_BACKENDS = ["auto", "triton", "torch"]
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Official release on one H100 at batch 128, 224 px (issue #8); fp16 AMP training, inference fp32 and AMP.
-OFFICIAL = {
-    "tiny": {"train_img_s": 549, "infer_fp32_img_s": 1771, "infer_amp_img_s": 1737, "train_mem_gib": 10.7},
-    "small": {"train_img_s": 345, "infer_fp32_img_s": 790, "infer_amp_img_s": 937, "train_mem_gib": 21.6},
-}
+OFFICIAL = {v: {"train_img_s": p["train"], "infer_fp32_img_s": p["infer_fp32"], "infer_amp_img_s": p["infer_amp"],
+                "train_mem_gib": p["train_mem_gib"]}
+            for v, p in ((v, PUBLISHED[f"defmamba_{v}"]) for v in ("tiny", "small"))}
 # Issue #8's targets: 3x official training, AMP inference, <= 0.6x official peak training memory.
 TARGETS = {
     "tiny": {"train_img_s": 1650, "infer_amp_img_s": 5200, "train_mem_gib": round(0.6 * 10.7, 2)},
     "small": {"train_img_s": 1050, "infer_amp_img_s": 2800, "train_mem_gib": round(0.6 * 21.6, 2)},
 }
 COMPARABLE = {"batch_size": 128, "img_size": 224, "amp_dtype": "fp16", "device_type": "cuda"}
-
-
-def _peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 def profile_step(step: Callable[[], None], device: torch.device, rows: int) -> Dict[str, Any]:
@@ -107,30 +96,19 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device) -> Dic
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     target = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
     amp = AmpPolicy(True, AMP_DTYPES[args.amp_dtype], device.type)
-    stepper = GradStepper(amp, args.clip_grad)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    criterion = torch.nn.CrossEntropyLoss()
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def train_step() -> None:
-        with amp.autocast():
-            loss = criterion(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        stepper.backward(loss)
-        stepper.clip(optimizer, params)
-        stepper.apply(optimizer)
+    step = train_step(model, x, target, amp, args.clip_grad)
 
     out: Dict[str, Any] = {}
-    _free(device)
+    reset_memory(device)
     model.train()
-    train_ms = common.step_times_ms(train_step, args.warmup, args.steps, device)
+    train_ms = common.step_times_ms(step, args.warmup, args.steps, device)
     out["train_step_ms"] = train_ms
     out["train_img_s"] = args.batch_size / (statistics.median(train_ms) * 1e-3)
-    out["train_mem_gib"] = _peak_gib(device)
+    out["train_mem_gib"] = peak_memory_gib(device)
     if args.profile:
-        out["profile"] = profile_step(train_step, device, args.profile)
-    del optimizer, stepper
-    _free(device)
+        out["profile"] = profile_step(step, device, args.profile)
+    del step  # and its optimizer state
+    reset_memory(device)
 
     model.eval()
     for label, policy in (("amp", amp), ("fp32", AmpPolicy(False, amp.dtype, device.type))):
@@ -141,9 +119,9 @@ def measure(variant: str, args: argparse.Namespace, device: torch.device) -> Dic
         infer_ms = common.step_times_ms(infer_step, args.warmup, args.steps, device)
         out[f"infer_{label}_step_ms"] = infer_ms
         out[f"infer_{label}_img_s"] = args.batch_size / (statistics.median(infer_ms) * 1e-3)
-    out["infer_mem_gib"] = _peak_gib(device)
+    out["infer_mem_gib"] = peak_memory_gib(device)
     del model
-    _free(device)
+    reset_memory(device)
     return out
 
 
@@ -248,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     row["status"] = "out of memory"
                 except Exception as err:  # noqa: BLE001  reported, and the exit status says so
                     row["status"] = f"error: {common.one_line(err)}"
-                _free(device)
+                reset_memory(device)
             results.append(row)
             save()
             if row["status"] == "measured":

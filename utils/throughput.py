@@ -1,8 +1,10 @@
-"""Throughput (images/s) of a model at a fixed batch: warm-up, then timed forwards (or training steps) with sync."""
+"""Throughput (images/s) of a model at a fixed batch: warm-up, then timed forwards (or training steps) with sync;
+the training step and the peak-memory reading every throughput measurement of the repository shares."""
 from __future__ import annotations
 
+import gc
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from torch import nn
 from .amp import AmpPolicy, GradStepper
 
 __all__ = ["WARMUP_ITERS", "TIMED_ITERS", "CPU_WARMUP_ITERS", "CPU_TIMED_ITERS", "measure_throughput",
-           "measure_train_throughput", "format_rate"]
+           "measure_train_throughput", "train_step", "peak_memory_gib", "reset_memory", "format_rate"]
 
 # As in the release: 50 untimed forwards (autotuning, caches), then 30 timed ones.
 WARMUP_ITERS = 50
@@ -23,6 +25,38 @@ CPU_TIMED_ITERS = 3
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> Optional[float]:
+    """Peak allocated GPU memory since the last `reset_memory`, in GiB (None off CUDA)."""
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def reset_memory(device: torch.device) -> None:
+    """Free what the previous measurement left and restart the peak-memory count."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def train_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, amp: AmpPolicy,
+               clip_grad: float = 5.0, lr: float = 1e-4) -> Callable[[], None]:
+    """One training step as the trainer takes it (autocast forward, cross-entropy, scaled backward, grad-norm
+    clip, AdamW), as a closure over its own optimizer; the model's weights change at every call."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    stepper = GradStepper(amp, clip_grad)
+    criterion = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        with amp.autocast():
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        stepper.backward(loss)
+        stepper.clip(optimizer, params)
+        stepper.apply(optimizer)
+    return step
 
 
 def _iterations(device: torch.device, warmup: Optional[int], timed: Optional[int]) -> tuple:
@@ -59,19 +93,7 @@ def measure_train_throughput(model: nn.Module, batch_size: int, img_size: int, i
     warmup, timed = _iterations(device, warmup, timed)
     images = torch.randn(batch_size, in_chans, img_size, img_size, device=device)
     labels = torch.randint(0, model.num_classes, (batch_size,), device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
-    stepper = GradStepper(amp, clip_grad)
-    criterion = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        with amp.autocast():
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        stepper.backward(loss)
-        stepper.clip(optimizer, params)
-        stepper.apply(optimizer)
-
+    step = train_step(model, images, labels, amp, clip_grad)
     for _ in range(warmup):
         step()
     _sync(device)

@@ -10,13 +10,12 @@ ours; they compare only at the conditions named in their `source` (one GPU, batc
 from __future__ import annotations
 
 import copy
-import gc
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
 from utils.amp import AmpPolicy
-from utils.throughput import measure_throughput, measure_train_throughput
+from utils.throughput import measure_throughput, measure_train_throughput, peak_memory_gib, reset_memory
 
 from .inputs import LoadedModel
 
@@ -34,17 +33,6 @@ OFFICIAL: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _peak_gib(device: torch.device) -> Optional[float]:
-    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-
-
-def _reset(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def measure_rows(models: Sequence[LoadedModel], batch_sizes: Sequence[int], amp: AmpPolicy, device: torch.device,
                  train: bool = True, warmup: Optional[int] = None, timed: Optional[int] = None,
                  progress=print) -> List[Dict[str, Any]]:
@@ -59,19 +47,19 @@ def measure_rows(models: Sequence[LoadedModel], batch_sizes: Sequence[int], amp:
             row: Dict[str, Any] = {"model": loaded.label, "batch": batch, "img_size": loaded.img_size,
                                    "amp": amp.label, "device": str(device)}
             if train:
-                _reset(device)
+                reset_memory(device)
                 trained = copy.deepcopy(loaded.model).to(device)
                 row["train_img_s"] = measure_train_throughput(trained, batch, loaded.img_size, in_chans, amp, device,
                                                               warmup=warmup, timed=timed)
-                row["train_mem_gib"] = _peak_gib(device)
+                row["train_mem_gib"] = peak_memory_gib(device)
                 del trained
-            _reset(device)
+            reset_memory(device)
             model = loaded.model.to(device)
             row["infer_amp_img_s"] = measure_throughput(model, batch, loaded.img_size, in_chans, amp, device,
                                                         warmup=warmup, timed=timed)
             row["infer_fp32_img_s"] = measure_throughput(model, batch, loaded.img_size, in_chans, fp32, device,
                                                          warmup=warmup, timed=timed)
-            row["infer_mem_gib"] = _peak_gib(device)
+            row["infer_mem_gib"] = peak_memory_gib(device)
             loaded.model.cpu()
             row["official"] = OFFICIAL.get(loaded.name or loaded.label)
             rows.append(row)
