@@ -145,8 +145,11 @@ class DSSM(nn.Module):
             pieces.append(deformed)
             inverses.append(inverse_order(perm)[:, None])
 
-        # each branch's x projection from its own piece: only the small (B, K, R + 2N, L) result is stacked
-        x_dbl = torch.stack([torch.einsum("bdl,cd->bcl", p, w) for p, w in zip(pieces, self.x_proj_weight)], 1)
+        # each branch's x projection from its own piece, a batched (R + 2N, D) @ (D, L) that reads the piece as it
+        # lies (an einsum kept a transposed copy for the weight's gradient); only the small (B, K, R + 2N, L)
+        # result is stacked
+        x_dbl = torch.stack([torch.bmm(w.to(p.dtype).expand(batch, -1, -1), p)
+                             for p, w in zip(pieces, self.x_proj_weight)], 1)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
         ys = selective_scan_fn(

@@ -102,7 +102,9 @@ class SS2D(nn.Module):
 
     def project(self, xs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """xs (B, K, D, L) -> delta (B, K, D, L) before bias and softplus, Bs and Cs (B, K, N, L)."""
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
+        # a batched (R + 2N, D) @ (D, L) per direction reads xs as it lies (einsum would keep a transposed copy
+        # of it for the weight's gradient)
+        x_dbl = torch.matmul(self.x_proj_weight.to(xs.dtype), xs)
         dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
         return torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight), Bs, Cs
 
