@@ -164,12 +164,12 @@ def _nbytes(*tensors) -> int:
 
 
 def scan_traffic(batch: int, groups: int, channels: int, nstate: int, length: int, dtype=torch.float16,
-                 forward=None, backward=None, seed: int = 0) -> Dict[str, Traffic]:
+                 forward=None, backward=None, seed: int = 0, token_major_u: bool = False) -> Dict[str, Traffic]:
     """Run one scan forward and backward in the interpreter on CPU tensors laid out as the mixers pass them
     and count its memory traffic. Essential bytes: every input read once and every output written once
     (forward: u, delta, A, B, C, D, delta_bias -> y; backward: those and dy -> the seven gradients); the
     saved chunk states count as overhead. `forward` / `backward` (called with u as a one-piece list) default to
-    the Triton host of this repo."""
+    the Triton host of this repo; token_major_u lays u out channels first in memory (the DSSM's raster piece)."""
     from models.ops.scan import triton as host
     forward, backward = forward or host.scan_forward, backward or host.scan_backward
     gen = torch.Generator().manual_seed(seed)
@@ -177,7 +177,8 @@ def scan_traffic(batch: int, groups: int, channels: int, nstate: int, length: in
     args = [t.normal_(generator=gen) for t in scan_inputs(shape, batch, dtype, device="cpu")]
     args[2] = -args[2].abs()  # A < 0
     result = {}
-    call = ([args[0]], *args[1:])  # u in one piece
+    u = args[0].transpose(1, 2).contiguous().transpose(1, 2) if token_major_u else args[0]
+    call = ([u], *args[1:])  # u in one piece
     with TrafficCounter() as counter:
         y, saved = forward(*call, True)
     (fwd_name, fwd_stats), = counter.stats.items()
@@ -201,7 +202,8 @@ def distinct_launches(models=MODELS, one_dtype_per_variant: bool = False) -> Lis
 
     one_dtype_per_variant: one launch per variant instead of one per dtype too, the dtypes taken in turn (fp16,
     bf16, fp32, ...) so that each is compiled: the CI subset. A scan variant is (kernel and direction, N == 1,
-    ALIGN); a sampling or merge kernel (and each of the deformable backward's two launches) is one variant."""
+    ALIGN, token-major u); a sampling or merge kernel (and each of the deformable backward's two launches) is
+    one variant."""
     chosen: Dict[str, Tuple[List[str], object]] = {}
     variants: Dict[Tuple, Dict[str, Tuple[List[str], object]]] = {}
     scans = ((shape, dtype, launch.kernel.__name__ + ("(reversed)" if launch.meta.get("REVERSE") else ""), launch)
@@ -209,7 +211,8 @@ def distinct_launches(models=MODELS, one_dtype_per_variant: bool = False) -> Lis
     for shape, dtype, name, launch in itertools.chain(scans, sampling_launches(models), merge_launches(models)):
         label = f"{name} {shape.model} stage {shape.stage} {DTYPE_NAMES[dtype]}"
         chosen.setdefault(compile_key(launch), ([], launch))[0].append(label)
-        variant = (name, launch.meta["BLOCK_N"] == 1, launch.meta["ALIGN"]) if "ALIGN" in launch.meta else (name,)
+        variant = ((name, launch.meta["BLOCK_N"] == 1, launch.meta["ALIGN"], launch.meta["U_TOKENS"])
+                   if "ALIGN" in launch.meta else (name,))
         variants.setdefault(variant, {}).setdefault(DTYPE_NAMES[dtype], ([label], launch))
     if not one_dtype_per_variant:
         return list(chosen.values())
@@ -229,7 +232,8 @@ def _compile_row(index: int) -> dict:
                 warps_per_sm=warps_by_registers(r.registers, r.num_warps),
                 shared_limit=SM_LIMITS[capability]["shared"],
                 **{k: v for k, v in launch.meta.items()
-                   if k in ("BLOCK_C", "BLOCK_D", "BLOCK_L", "BLOCK_N", "CHUNK", "ALIGN", "REVERSE")})
+                   if k in ("BLOCK_C", "BLOCK_D", "BLOCK_L", "BLOCK_N", "CHUNK", "ALIGN", "REVERSE",
+                            "U_TOKENS")})
 
 
 def resource_rows(launches: List[Tuple[List[str], object]], capabilities=(80, 90), workers: int = 2

@@ -65,11 +65,13 @@ REVERSED_GROUPS = {"defmamba": (1,)}
 
 def mixer_pieces(shape: StageShape, u: torch.Tensor) -> List[torch.Tensor]:
     """u as the mixer passes it to the Triton scan: DefMamba's DSSM gives the raster sequence twice (forward and
-    backward branch) and the deformable sequence, three (batch, D, L) pieces; the others u in one piece."""
+    backward branch; token-major, as its channels-last conv leaves it) and the deformable sequence, three
+    (batch, D, L) pieces; the others u in one piece."""
     if not shape.model.startswith("defmamba"):
         return [u]
-    raster, deformed = (torch.empty(u.shape[0], shape.channels, u.shape[2], device=u.device, dtype=u.dtype)
-                        for _ in range(2))
+    batch, length = u.shape[0], u.shape[2]
+    raster = torch.empty(batch, length, shape.channels, device=u.device, dtype=u.dtype).transpose(1, 2)
+    deformed = torch.empty(batch, shape.channels, length, device=u.device, dtype=u.dtype)
     return [raster, raster, deformed]
 
 

@@ -38,7 +38,7 @@ def rows():
 def test_every_variant_compiles_for_both_targets(rows):
     labels = {row["label"] for row in rows}
     assert {row["target"] for row in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * len(labels) == 50
+    assert len(rows) == 2 * len(labels) == 62
     assert {label.split()[0] for label in labels} == {
         "scan_fwd_kernel", "scan_bwd_kernel", "scan_fwd_kernel(reversed)", "scan_bwd_kernel(reversed)",
         "deformable_sequence_fwd_kernel", "deformable_sample_bwd_kernel(x)", "deformable_sample_bwd_kernel(table)",
@@ -46,8 +46,9 @@ def test_every_variant_compiles_for_both_targets(rows):
     assert {label.split()[-1] for label in labels} == {"fp16", "bf16", "fp32"}
     assert {label.split()[1] for label in labels} == {"defmamba_tiny", "damamba_tiny"}  # S shares T's variants
     scans = [row for row in rows if row["label"].startswith("scan_")]
-    assert len(scans) == 36  # DefMamba scans its backward branch in place: a launch per direction
+    assert len(scans) == 48  # DefMamba: a launch per piece and direction, its raster piece token-major
     assert {row["REVERSE"] for row in scans} == {False, True}
+    assert {row["U_TOKENS"] for row in scans} == {False, True}
     assert {(row["BLOCK_N"], row["ALIGN"]) for row in scans} == {(16, 8), (16, 4), (16, 1), (1, 8), (1, 4), (1, 1)}
 
 

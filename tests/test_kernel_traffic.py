@@ -22,9 +22,10 @@ from kernel_analysis import scan_traffic  # noqa: E402
 LIMITS = {"scan_fwd_kernel": (2.0, 0.5), "scan_bwd_kernel": (2.0, 1.0)}
 
 
-@pytest.mark.parametrize("nstate", [16, 1])
-def test_scan_traffic_targets(nstate):
-    traffic = scan_traffic(batch=1, groups=1, channels=16, nstate=nstate, length=1024)
+@pytest.mark.parametrize("nstate,token_major_u", [(16, False), (1, False), (16, True)])
+def test_scan_traffic_targets(nstate, token_major_u):
+    """Also with u token-major (the DSSM's channels-last raster piece, read as it lies along the channels)."""
+    traffic = scan_traffic(batch=1, groups=1, channels=16, nstate=nstate, length=1024, token_major_u=token_major_u)
     assert set(traffic) == set(LIMITS), traffic
     for name, (max_ratio, max_instructions) in LIMITS.items():
         t = traffic[name]

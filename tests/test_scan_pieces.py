@@ -17,8 +17,10 @@ needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels 
 BACKENDS = ("torch", pytest.param("triton", marks=needs_triton))
 
 # batch, per_group, nstate, length, reversed groups, pieces as (tensor name, groups): a name given again is the
-# same tensor again; tensor "v" is a view at a channel offset of a bigger tensor (rows not vector-aligned)
+# same tensor again; tensor "v" is a view at a channel offset of a bigger tensor (rows not vector-aligned), tensor
+# "t" token-major (channels contiguous, as the DSSM's channels-last conv output: read as it lies on Triton)
 CASES = [
+    (2, 16, 4, 70, [1], [("t", 1), ("t", 1), ("b", 1)]),        # the DSSM's raster as the model lays it out
     (2, 2, 4, 9, [1], [("a", 1), ("a", 1), ("b", 1)]),          # the DSSM on Triton: raster twice, deformable
     (1, 40, 4, 264, [0], [("a", 1), ("v", 1)]),                 # several chunks and channel blocks
     (1, 3, 1, 37, [1, 3], [("v", 2), ("b", 1), ("b", 1)]),      # N = 1, odd L; a piece scanned both ways
@@ -32,9 +34,9 @@ def _leaves(batch, per_group, length, layout, device, seed):
     for name, groups in layout:
         if name not in leaves:
             extra = 3 if name == "v" else 0
-            leaves[name] = torch.randn(batch, groups * per_group + extra, length, generator=gen,
-                                       dtype=torch.float64).to(device).requires_grad_(True)
-            views[name] = leaves[name][:, extra:]
+            shape = (batch, length, groups * per_group) if name == "t" else (batch, groups * per_group + extra, length)
+            leaves[name] = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
+            views[name] = leaves[name].transpose(1, 2) if name == "t" else leaves[name][:, extra:]
     return leaves, [views[name] for name, _ in layout]
 
 

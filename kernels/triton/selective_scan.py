@@ -2,9 +2,10 @@
 
 Device code only; the host side (tiling, launch, the partial-sum reduction) is models/ops/scan/triton.py.
 Contract: that of `models.ops.scan.selective_scan_fn` (u, delta (batch, D, L); A (D, N); B, C
-(batch, G, N, L); optional D, delta_bias (D,)), with L contiguous (stride 1) in u, delta, B, C and dy. A launch
-reads u from one piece (u_ptr: channels u_d0 onwards of u, strides su_b, su_d), so u given in pieces is read
-where the pieces are, never concatenated.
+(batch, G, N, L); optional D, delta_bias (D,)), with L contiguous (stride 1) in delta, B, C and dy. A launch
+reads u from one piece (u_ptr: channels u_d0 onwards of u, strides su_b, su_d, su_l), so u given in pieces is
+read where the pieces are, never concatenated; a piece is L-contiguous or token-major (U_TOKENS: channels
+contiguous, as a channels-last convolution leaves them).
 Arithmetic in fp32, or fp64 for fp64 inputs (so the kernels can be checked against float64 references in
 Triton's CPU interpreter, TRITON_INTERPRET=1).
 
@@ -42,7 +43,7 @@ __all__ = ["scan_fwd_kernel", "scan_bwd_kernel"]
 # that Triton can vectorise the row loads and give each thread ALIGN consecutive steps of the tile: the scan is
 # then mostly sequential in registers and only log2(lanes) shuffle steps deep.
 _RUNTIME_INTS = ["L", "G", "per_group", "N", "nchunk", "nblock", "NG", "group_mask", "u_d0", "su_b", "su_d",
-                 "sdl_b", "sdl_d", "sA_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
+                 "su_l", "sdl_b", "sdl_d", "sA_d", "sB_b", "sB_g", "sB_n", "sC_b", "sC_g", "sC_n", "sdy_b", "sdy_d"]
 _UNALIGNED = ["B_ptr", "C_ptr"]  # views of the x projection at any offset
 
 
@@ -74,6 +75,24 @@ def _load_tile(ptr, row, t, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _u_row(b, d, u_d0, su_b, su_d, ALIGN: tl.constexpr, U_TOKENS: tl.constexpr):
+    # u_ptr: the piece of u from channel u_d0 on
+    row = b * su_b + (d - u_d0) * su_d
+    if not U_TOKENS:
+        row = tl.multiple_of(row, ALIGN)
+    return row
+
+
+@triton.jit
+def _load_u(ptr, row, t, su_l, mask, ACC: tl.constexpr, U_TOKENS: tl.constexpr):
+    # a token-major piece (channels contiguous, steps su_l apart: the channels-last conv output of a DSSM) is read
+    # as it lies, coalesced along the channels; Triton moves the tile to the layout of the others
+    if U_TOKENS:
+        return tl.load(ptr + row[:, None] + t[None, :].to(tl.int64) * su_l, mask=mask, other=0.0).to(ACC)
+    return _load_tile(ptr, row, t, mask, ACC)
+
+
+@triton.jit
 def _group(j, NG, G, group_mask):
     # the j-th set bit of group_mask: the groups of this launch (all of them when NG == G)
     g = j
@@ -100,10 +119,10 @@ def _chunk_start(c, L, CHUNK: tl.constexpr, ALIGN: tl.constexpr, REVERSE: tl.con
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, states_ptr,
     L, G, per_group, N, nchunk, NG, group_mask, u_d0,
-    su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
+    su_b, su_d, su_l, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, U_TOKENS: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     b = (pid_bg // NG).to(tl.int64)
@@ -127,7 +146,7 @@ def scan_fwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = tl.multiple_of(b * su_b + (d - u_d0) * su_d, ALIGN)  # u_ptr: the piece of u from channel u_d0
+    u_row = _u_row(b, d, u_d0, su_b, su_d, ALIGN, U_TOKENS)
     delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
     y_row = tl.multiple_of((b * dim + d) * L, ALIGN)
     B_row = B_ptr + b * sB_b + g * sB_g
@@ -139,7 +158,7 @@ def scan_fwd_kernel(
         t = _chunk_start(c, L, CHUNK, ALIGN, REVERSE) + steps
         mask_t = (t >= 0) & (t < L)
         mask = mask_d[:, None] & mask_t[None, :]
-        u = _load_tile(u_ptr, u_row, t, mask, ACC)
+        u = _load_u(u_ptr, u_row, t, su_l, mask, ACC, U_TOKENS)
         dt = _load_tile(delta_ptr, delta_row, t, mask, ACC) + bias[:, None]
         if SOFTPLUS:
             dt = _softplus(dt)
@@ -164,10 +183,10 @@ def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, states_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr,
     L, G, per_group, N, nchunk, nblock, NG, group_mask, u_d0,
-    su_b, su_d, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdy_b, sdy_d,
+    su_b, su_d, su_l, sdl_b, sdl_d, sA_d, sB_b, sB_g, sB_n, sC_b, sC_g, sC_n, sdy_b, sdy_d,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr,
-    REVERSE: tl.constexpr,
+    REVERSE: tl.constexpr, U_TOKENS: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     pid_blk = tl.program_id(1)
@@ -191,7 +210,7 @@ def scan_bwd_kernel(
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=mask_d, other=0.0).to(ACC)
 
-    u_row = tl.multiple_of(b * su_b + (d - u_d0) * su_d, ALIGN)  # u_ptr: the piece of u from channel u_d0
+    u_row = _u_row(b, d, u_d0, su_b, su_d, ALIGN, U_TOKENS)
     delta_row = tl.multiple_of(b * sdl_b + d * sdl_d, ALIGN)
     dy_row = tl.multiple_of(b * sdy_b + d * sdy_d, ALIGN)
     out_row = tl.multiple_of((b * dim + d) * L, ALIGN)            # du, ddelta: contiguous (batch, D, L)
@@ -210,7 +229,7 @@ def scan_bwd_kernel(
         mask_t = (t >= 0) & (t < L)
         mask = mask_d[:, None] & mask_t[None, :]
         H0 = tl.load(state_ptrs + (c - 1) * N, mask=mask_dn & (c > 0), other=0.0).to(ACC)
-        u = _load_tile(u_ptr, u_row, t, mask, ACC)
+        u = _load_u(u_ptr, u_row, t, su_l, mask, ACC, U_TOKENS)
         dy = _load_tile(dy_ptr, dy_row, t, mask, ACC)
         dt = _load_tile(delta_ptr, delta_row, t, mask, ACC) + bias[:, None]
         slope = tl.full(dt.shape, 1.0, ACC)            # d dt / d delta

@@ -4,7 +4,8 @@ Tiling, launch and the second (deterministic) reduction pass of the partial grad
 (work split, chunked recompute, memory, determinism) is described with the kernels. Triton compiles them at
 their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for tests).
 
-u comes in pieces along D (each a whole number of B/C groups; the same tensor may be several pieces), and
+u comes in pieces along D (each a whole number of B/C groups; the same tensor may be several pieces; each
+L-contiguous or token-major, both read as they lie), and
 groups in `reversed_groups` are scanned backward in time: both are read and written in place, with one launch
 per piece and direction (`launch_parts`; reversed ones with the kernels' REVERSE variant). `plan_forward` /
 `plan_backward` build a launch without running it, so the launch configurations the models use can be
@@ -115,9 +116,16 @@ def _group_selection(groups: int, chosen: Optional[Sequence[int]]) -> Tuple[int,
     return len(chosen), sum(1 << g for g in chosen)
 
 
+def _u_layout(u: Tensor) -> Tuple[Tensor, bool]:
+    """The piece as the kernels read it, and whether it is token-major (channels contiguous: read as it lies)."""
+    if u.stride(-1) != 1 and u.stride(1) == 1:
+        return u, True
+    return _steps_contiguous(u), False
+
+
 def _common(part: Part, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
             delta_bias: Optional[Tensor], delta_softplus: bool, *more_rows: Tensor):
-    u, delta, B, C = (_steps_contiguous(x) for x in (part.u, delta, B, C))
+    (u, tokens), (delta, B, C) = _u_layout(part.u), (_steps_contiguous(x) for x in (delta, B, C))
     batch, dim, length = delta.shape
     groups, nstate = B.shape[1], A.shape[1]
     launch_groups, group_mask = _group_selection(groups, part.groups)
@@ -126,10 +134,11 @@ def _common(part: Part, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optio
     torch_acc, tl_acc = _accumulation(u)
     meta = dict(HAS_D=D is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), ACC=tl_acc,
                 BLOCK_D=tiles.block_d, BLOCK_N=tiles.block_n, CHUNK=tiles.chunk,
-                ALIGN=row_alignment(u, delta, *more_rows), REVERSE=part.reverse, num_warps=tiles.num_warps)
+                ALIGN=row_alignment(*([] if tokens else [u]), delta, *more_rows), REVERSE=part.reverse,
+                U_TOKENS=tokens, num_warps=tiles.num_warps)
     nblock = triton.cdiv(dim // groups, tiles.block_d)
     sizes = (length, groups, dim // groups, nstate, nchunk)
-    strides = (u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0),
+    strides = (u.stride(0), u.stride(1), u.stride(2), delta.stride(0), delta.stride(1), A.stride(0),
                *B.stride()[:3], *C.stride()[:3])
     return (u, delta, B, C), (batch * launch_groups, nblock), sizes, (launch_groups, group_mask, part.first), \
         strides, meta, torch_acc
