@@ -75,12 +75,21 @@ def test_imagenet_checkpoint_loads_strictly_except_head_and_new_norms(tmp_path):
     backbone = DefMambaBackbone(out_indices=(1, 2, 3), pretrained=str(path), drop_path_rate=0.0, **TINY).eval()
     with torch.no_grad():
         backbone.outnorm2.weight.uniform_(0.5, 1.5)  # a non-trivial norm: must survive loading
+        kept = backbone.outnorm2.weight.clone()
     report = backbone.init_weights()
-    assert report.skipped_head == ["classifier.norm.weight", "classifier.norm.bias",
-                                   "classifier.head.weight", "classifier.head.bias"]
-    assert report.initialised_norms == [f"outnorm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
-    assert report.loaded == len(classifier.state_dict()) - 4
+    assert torch.equal(backbone.outnorm2.weight, kept)
     assert "classifier.head.weight" in str(report) and "outnorm1.weight" in str(report)
+    _check_loaded_backbone(classifier, backbone, report, _reference_features)
+
+
+def _check_loaded_backbone(classifier, backbone, report, reference) -> None:
+    """The backbone (out_indices 1-3, tiny widths 8 * 2**i) holds every classifier weight but the head, its new
+    norms were left alone, and its features equal `reference`(classifier, norms, x) on a 64 x 96 input."""
+    head = [k for k in classifier.state_dict() if k.startswith("classifier.")]
+    assert report.skipped_head == head == ["classifier.norm.weight", "classifier.norm.bias",
+                                           "classifier.head.weight", "classifier.head.bias"]
+    assert report.initialised_norms == [f"outnorm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
+    assert report.loaded == len(classifier.state_dict()) - len(head)
     for key, value in classifier.state_dict().items():
         if not key.startswith("classifier."):
             assert torch.equal(backbone.state_dict()[key], value), key
@@ -88,7 +97,8 @@ def test_imagenet_checkpoint_loads_strictly_except_head_and_new_norms(tmp_path):
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         feats = backbone(x)
-        ref = _reference_features(classifier, {i: getattr(backbone, f"outnorm{i}") for i in (1, 2, 3)}, x)
+        ref = reference(classifier, {i: getattr(backbone, f"outnorm{i}") for i in (1, 2, 3)}, x)
+    # strides 8, 16, 32 of a 64 x 96 input
     assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
     for f, r in zip(feats, ref):
         torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
@@ -201,24 +211,8 @@ def test_vmamba_family_backbone_loads_imagenet_and_matches_the_classifier_stages
         backbone.outnorm2.weight.uniform_(0.5, 1.5)  # a non-trivial norm: must survive loading
         kept = backbone.outnorm2.weight.clone()
     report = backbone.init_weights()
-    head = [k for k in classifier.state_dict() if k.startswith("classifier.")]
-    assert report.skipped_head == head == ["classifier.norm.weight", "classifier.norm.bias",
-                                           "classifier.head.weight", "classifier.head.bias"]
-    assert report.initialised_norms == [f"outnorm{i}.{p}" for i in (1, 2, 3) for p in ("weight", "bias")]
-    assert report.loaded == len(classifier.state_dict()) - len(head)
     assert torch.equal(backbone.outnorm2.weight, kept)
-    for key, value in classifier.state_dict().items():
-        if not key.startswith("classifier."):
-            assert torch.equal(backbone.state_dict()[key], value), key
-
-    x = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        feats = backbone(x)
-        ref = _reference_vmamba_features(classifier, {i: getattr(backbone, f"outnorm{i}") for i in (1, 2, 3)}, x)
-    # strides 8, 16, 32 of a 64 x 96 input, channels 8 * 2**i
-    assert [tuple(f.shape) for f in feats] == [(2, 16, 8, 12), (2, 32, 4, 6), (2, 64, 2, 3)]
-    for f, r in zip(feats, ref):
-        torch.testing.assert_close(f, r, rtol=1e-5, atol=1e-5)
+    _check_loaded_backbone(classifier, backbone, report, _reference_vmamba_features)
 
 
 def test_wrong_family_checkpoints_are_one_line_errors_without_loading(tmp_path):
