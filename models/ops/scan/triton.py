@@ -4,12 +4,12 @@ Tiling, launch and the second (deterministic) reduction pass of the partial grad
 (work split, chunked recompute, memory, determinism) is described with the kernels. Triton compiles them at
 their first launch on a GPU; under TRITON_INTERPRET=1 they run CPU tensors (fp64 too, for tests).
 
-u comes in pieces along D (each a whole number of B/C groups; the same tensor may be several pieces; each
-L-contiguous or token-major, both read as they lie), and
-groups in `reversed_groups` are scanned backward in time: both are read and written in place, with one launch
-per piece and direction (`launch_parts`; reversed ones with the kernels' REVERSE variant). `plan_forward` /
-`plan_backward` build a launch without running it, so the launch configurations the models use can be
-compiled ahead of time and inspected on a machine without a GPU (benchmarks/kernel_analysis.py).
+u comes in pieces along D (each a whole number of B/C groups, L-contiguous or token-major; the same tensor
+may be several pieces), and groups in `reversed_groups` are scanned backward in time: both are read and
+written in place, with one launch per piece and direction (`launch_parts`; reversed ones with the kernels'
+REVERSE variant, token-major pieces with U_TOKENS). `plan_forward` / `plan_backward` build a launch without
+running it, so the launch configurations the models use can be compiled ahead of time and inspected on a
+machine without a GPU (benchmarks/kernel_analysis.py).
 """
 from __future__ import annotations
 
