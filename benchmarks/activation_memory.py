@@ -43,15 +43,13 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, amp_dtype: Optional[torch.dty
         stack.pop()
 
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = set()
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # parameters are never counted
     by_module: Dict[str, int] = defaultdict(int)
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        key = (storage.device, storage.data_ptr())
-        if storage.data_ptr() not in params and key not in seen:
-            seen.add(key)
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
             by_module[stack[-1]] += storage.nbytes()
         return t
 
